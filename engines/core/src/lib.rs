@@ -1,0 +1,19 @@
+//! The seam between Ephemera and the systems it mints credentials for.
+//!
+//! An [`Engine`] issues a credential for a [`IssueRequest`] (who is asking,
+//! for which template) and revokes it when its [`Lease`] ends. The proxy never
+//! knows how a credential is made; an engine never knows about TLS, SPIFFE or
+//! the wire protocol.
+//!
+//! Shared types live here so every engine speaks the same language:
+//! [`Lease`] (the record of one credential's life, also written into the
+//! database as the role's comment) and [`ScramSecret`] (the SCRAM-SHA-256 keys
+//! a minted role logs in with, which never print themselves).
+
+mod engine;
+mod lease;
+pub mod scram;
+
+pub use engine::{Engine, EngineError, IssueRequest, IssuedCredential, RevokeOutcome};
+pub use lease::{Lease, LeaseComment, LeaseId};
+pub use scram::ScramSecret;

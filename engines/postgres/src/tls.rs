@@ -1,0 +1,142 @@
+//! TLS towards the upstream PostgreSQL, shared by the admin pool and the
+//! per-session logins.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+/// How to protect the connection to the upstream, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP. Only for a database on the same host or a trusted network.
+    Disable,
+    /// TLS, but the server's certificate is not checked (encryption against
+    /// passive listeners only).
+    Require,
+    /// TLS, the certificate must chain to the configured CA and name the host.
+    VerifyFull,
+}
+
+/// The TLS settings for upstream connections: the mode and, unless disabled,
+/// the rustls configuration that implements it.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub mode: SslMode,
+    config: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("sslmode = \"verify-full\" needs a CA certificate (upstream.ca)")]
+    MissingCa,
+    #[error("the upstream CA certificate could not be used: {0}")]
+    BadCa(rustls::Error),
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+impl UpstreamTls {
+    /// Build the client TLS configuration for `mode`. `ca` is required for
+    /// `VerifyFull` and ignored otherwise.
+    pub fn new(mode: SslMode, ca: &[CertificateDer<'static>]) -> Result<Self, TlsSetupError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let config = match mode {
+            SslMode::VerifyFull => {
+                if ca.is_empty() {
+                    return Err(TlsSetupError::MissingCa);
+                }
+                let mut roots = RootCertStore::empty();
+                for cert in ca {
+                    roots.add(cert.clone()).map_err(TlsSetupError::BadCa)?;
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            SslMode::Require | SslMode::Disable => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(EncryptOnly { provider }))
+                .with_no_client_auth(),
+        };
+        Ok(UpstreamTls {
+            mode,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The rustls configuration (meaningless when `mode` is `Disable`).
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
+    }
+
+    pub(crate) fn tokio_postgres_mode(&self) -> tokio_postgres::config::SslMode {
+        match self.mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+        }
+    }
+}
+
+/// `sslmode = require`: accept any server certificate, but still check the
+/// handshake signatures so the session keys are really the server's.
+#[derive(Debug)]
+struct EncryptOnly {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -1,0 +1,597 @@
+//! Configuration: the TOML schema DBAs write (`config.toml`), `EPHEMERA_`
+//! environment overrides, and its validation into the [`Settings`] the
+//! proxy runs with.
+//!
+//! Loading never stops at the first problem: it collects every one, each
+//! with the key it is about (`templates.billing_rw.database`) and what to do.
+//! Relative paths are relative to the configuration file's directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ephemera_engine_postgres::{
+    AdminConnection, Password, PostgresEngineConfig, RoleTemplate, SslMode, UpstreamTls,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+use crate::identity::{AcceptAnyClientCert, SvidVerifier};
+use crate::policy::{IdPattern, Policy, PolicyRule};
+
+/// The ALPN protocol PostgreSQL 17 clients announce for direct TLS.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+// ---------------------------------------------------------------------------
+// The file schema. Keep these names: DBAs write against them.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: ListenSection,
+    pub tls: TlsSection,
+    pub upstream: UpstreamSection,
+    #[serde(default)]
+    pub lease: LeaseSection,
+    #[serde(default)]
+    pub templates: BTreeMap<String, TemplateSection>,
+    #[serde(default)]
+    pub policy: Vec<PolicySection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSection {
+    pub address: String,
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub trust_bundle: PathBuf,
+    pub trust_domains: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub host: String,
+    pub port: u16,
+    #[serde(default = "defaults::admin_database")]
+    pub admin_database: String,
+    pub admin_user: String,
+    pub admin_password_file: PathBuf,
+    #[serde(default = "defaults::sslmode")]
+    pub sslmode: String,
+    #[serde(default)]
+    pub ca: String,
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: usize,
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseSection {
+    #[serde(default = "defaults::login_window", with = "humantime_serde")]
+    pub login_window: Duration,
+}
+
+impl Default for LeaseSection {
+    fn default() -> Self {
+        LeaseSection {
+            login_window: defaults::login_window(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSection {
+    pub database: String,
+    #[serde(default)]
+    pub member_of: Vec<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub creation_statements: Vec<String>,
+    #[serde(default)]
+    pub revocation_statements: Vec<String>,
+    #[serde(default = "defaults::ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    pub spiffe_id: String,
+    pub templates: Vec<String>,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn admin_database() -> String {
+        "postgres".into()
+    }
+    pub fn sslmode() -> String {
+        "require".into()
+    }
+    pub fn pool_size() -> usize {
+        4
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn login_window() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn ttl() -> Duration {
+        Duration::from_secs(15 * 60)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Problems
+// ---------------------------------------------------------------------------
+
+/// One thing wrong with a configuration, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The key path, e.g. `templates.billing_rw.database` (empty: the file).
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    pub path: PathBuf,
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} has {} problem(s):",
+            self.path.display(),
+            self.problems.len()
+        )?;
+        for problem in &self.problems {
+            writeln!(f, "  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The validated settings
+// ---------------------------------------------------------------------------
+
+/// Where the upstream PostgreSQL is and how sessions reach it.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: UpstreamTls,
+    pub connect_timeout: Duration,
+}
+
+impl UpstreamSettings {
+    /// `host:port`, for messages.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// What the front door needs to know about a template.
+#[derive(Debug, Clone)]
+pub struct TemplateSettings {
+    pub database: String,
+    pub ttl: Duration,
+}
+
+/// Everything the proxy runs with, validated.
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub handshake_timeout: Duration,
+    pub server_tls: Arc<rustls::ServerConfig>,
+    pub svid_verifier: Arc<SvidVerifier>,
+    pub upstream: UpstreamSettings,
+    pub engine: PostgresEngineConfig,
+    pub templates: BTreeMap<String, TemplateSettings>,
+    pub policy: Policy,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("upstream", &self.upstream)
+            .field("templates", &self.templates)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// Load `path` (TOML) with `EPHEMERA_*` overrides
+    /// (`EPHEMERA_UPSTREAM__PORT=5433` sets `upstream.port`) and validate it.
+    pub fn load(path: &Path) -> Result<Settings, ConfigErrors> {
+        let fail = |problems: Vec<ConfigProblem>| ConfigErrors {
+            path: path.to_owned(),
+            problems,
+        };
+        let file = read_file_config(path).map_err(|p| fail(vec![p]))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Settings::from_file_config(file, base).map_err(fail)
+    }
+
+    /// Validate an already parsed configuration; relative paths are
+    /// resolved against `base`.
+    pub fn from_file_config(file: FileConfig, base: &Path) -> Result<Settings, Vec<ConfigProblem>> {
+        let mut problems = Problems::default();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+
+        let listen = match file.listen.address.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                problems.add(
+                    "listen.address",
+                    format!(
+                        "{:?} is not an IP address and port, e.g. \"127.0.0.1:5432\"",
+                        file.listen.address
+                    ),
+                );
+                None
+            }
+        };
+        if file.listen.handshake_timeout.is_zero() {
+            problems.add(
+                "listen.handshake_timeout",
+                "must be longer than 0s, e.g. \"10s\"",
+            );
+        }
+
+        // -- TLS towards clients, and the SPIFFE trust bundle --
+        let mut trust_domains = Vec::new();
+        if file.tls.trust_domains.is_empty() {
+            problems.add(
+                "tls.trust_domains",
+                "list at least one SPIFFE trust domain whose SVIDs are accepted, e.g. [\"example.org\"]",
+            );
+        }
+        for (i, domain) in file.tls.trust_domains.iter().enumerate() {
+            match crate::identity::SpiffeId::parse(&format!("spiffe://{domain}")) {
+                Ok(id) if id.segments().next().is_none() => trust_domains.push(domain.clone()),
+                _ => problems.add(
+                    format!("tls.trust_domains[{i}]"),
+                    format!("{domain:?} is not a trust domain name (lower-case letters, digits, '.', '-', '_'; no scheme or path)"),
+                ),
+            }
+        }
+        let bundle = load_certs(
+            &base.join(&file.tls.trust_bundle),
+            "tls.trust_bundle",
+            &mut problems,
+        );
+        let svid_verifier = bundle.and_then(|bundle| {
+            match SvidVerifier::new(&bundle, trust_domains, provider.clone()) {
+                Ok(v) => Some(Arc::new(v)),
+                Err(e) => {
+                    problems.add("tls.trust_bundle", format!("{e}; it must hold the PEM CA certificate(s) of your SPIFFE trust domain"));
+                    None
+                }
+            }
+        });
+        let cert_chain = load_certs(&base.join(&file.tls.cert), "tls.cert", &mut problems);
+        let key = load_key(&base.join(&file.tls.key), "tls.key", &mut problems);
+        let server_tls = match (&svid_verifier, cert_chain, key) {
+            (Some(verifier), Some(chain), Some(key)) => {
+                match rustls::ServerConfig::builder_with_provider(provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .map(|b| {
+                        b.with_client_cert_verifier(Arc::new(AcceptAnyClientCert::new(
+                            verifier.clone(),
+                        )))
+                    })
+                    .and_then(|b| b.with_single_cert(chain, key))
+                {
+                    Ok(mut config) => {
+                        config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+                        Some(Arc::new(config))
+                    }
+                    Err(e) => {
+                        problems.add(
+                            "tls.key",
+                            format!("the key does not fit the certificate in tls.cert ({e})"),
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+
+        // -- upstream --
+        let up = &file.upstream;
+        let sslmode = match up.sslmode.as_str() {
+            "disable" => Some(SslMode::Disable),
+            "require" => Some(SslMode::Require),
+            "verify-full" => Some(SslMode::VerifyFull),
+            other => {
+                problems.add(
+                    "upstream.sslmode",
+                    format!("{other:?} is not one of \"disable\", \"require\", \"verify-full\""),
+                );
+                None
+            }
+        };
+        let upstream_ca = if up.ca.is_empty() {
+            if sslmode == Some(SslMode::VerifyFull) {
+                problems.add(
+                    "upstream.ca",
+                    "sslmode = \"verify-full\" needs the upstream's CA certificate (PEM path)",
+                );
+            }
+            Some(Vec::new())
+        } else {
+            load_certs(&base.join(&up.ca), "upstream.ca", &mut problems)
+        };
+        let upstream_tls = match (sslmode, upstream_ca) {
+            (Some(mode), Some(ca)) => match UpstreamTls::new(mode, &ca) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    problems.add("upstream.ca", e.to_string());
+                    None
+                }
+            },
+            _ => None,
+        };
+        let admin_password = read_secret_file(
+            &base.join(&up.admin_password_file),
+            "upstream.admin_password_file",
+            &mut problems,
+        );
+        if up.pool_size == 0 {
+            problems.add("upstream.pool_size", "must be at least 1");
+        }
+        if up.host.is_empty() {
+            problems.add("upstream.host", "must name the upstream PostgreSQL host");
+        }
+        if up.port == 0 {
+            problems.add(
+                "upstream.port",
+                "must be the upstream PostgreSQL port, e.g. 5432",
+            );
+        }
+
+        // -- lease --
+        if file.lease.login_window.is_zero() {
+            problems.add("lease.login_window", "must be longer than 0s, e.g. \"60s\"");
+        }
+
+        // -- templates --
+        let mut role_templates = Vec::new();
+        let mut templates = BTreeMap::new();
+        if file.templates.is_empty() {
+            problems.add(
+                "templates",
+                "define at least one role template, e.g. [templates.app_rw]",
+            );
+        }
+        for (name, t) in &file.templates {
+            let key = format!("templates.{name}");
+            if let Err(reason) = ephemera_engine_postgres::template::check_template_name(name) {
+                problems.add(&key, reason);
+            }
+            if t.database.is_empty() {
+                problems.add(
+                    format!("{key}.database"),
+                    "must name the database sessions of this template use",
+                );
+            }
+            if t.ttl.is_zero() {
+                problems.add(format!("{key}.ttl"), "must be longer than 0s, e.g. \"15m\"");
+            }
+            for (i, group) in t.member_of.iter().enumerate() {
+                if group.is_empty() || group.contains('\0') {
+                    problems.add(format!("{key}.member_of[{i}]"), "must be a group role name");
+                }
+            }
+            role_templates.push(RoleTemplate {
+                name: name.clone(),
+                database: t.database.clone(),
+                member_of: t.member_of.clone(),
+                owner: t.owner.clone().filter(|o| !o.is_empty()),
+                creation_statements: t.creation_statements.clone(),
+                revocation_statements: t.revocation_statements.clone(),
+            });
+            templates.insert(
+                name.clone(),
+                TemplateSettings {
+                    database: t.database.clone(),
+                    ttl: t.ttl,
+                },
+            );
+        }
+
+        // -- policy --
+        let mut rules = Vec::new();
+        for (i, rule) in file.policy.iter().enumerate() {
+            let key = format!("policy[{i}]");
+            match IdPattern::parse(&rule.spiffe_id) {
+                Ok(pattern) => rules.push(PolicyRule {
+                    pattern,
+                    templates: rule.templates.clone(),
+                }),
+                Err(e) => problems.add(
+                    format!("{key}.spiffe_id"),
+                    format!("{:?} is not a SPIFFE ID pattern: {e}", rule.spiffe_id),
+                ),
+            }
+            for (j, template) in rule.templates.iter().enumerate() {
+                if !file.templates.contains_key(template) {
+                    problems.add(
+                        format!("{key}.templates[{j}]"),
+                        format!("no template named {template:?}; define [templates.{template}] or fix the name"),
+                    );
+                }
+            }
+        }
+
+        match (
+            listen,
+            server_tls,
+            svid_verifier,
+            upstream_tls,
+            admin_password,
+        ) {
+            (Some(listen), Some(server_tls), Some(svid_verifier), Some(tls), Some(password))
+                if problems.0.is_empty() =>
+            {
+                Ok(Settings {
+                    listen,
+                    handshake_timeout: file.listen.handshake_timeout,
+                    server_tls,
+                    svid_verifier,
+                    upstream: UpstreamSettings {
+                        host: up.host.clone(),
+                        port: up.port,
+                        tls: tls.clone(),
+                        connect_timeout: up.connect_timeout,
+                    },
+                    engine: PostgresEngineConfig {
+                        admin: AdminConnection {
+                            host: up.host.clone(),
+                            port: up.port,
+                            user: up.admin_user.clone(),
+                            password,
+                            tls,
+                            pool_size: up.pool_size,
+                        },
+                        login_window: file.lease.login_window,
+                        templates: role_templates,
+                    },
+                    templates,
+                    policy: Policy::new(rules),
+                })
+            }
+            _ => Err(problems.0),
+        }
+    }
+}
+
+/// Parse the file (and environment overrides) into the schema.
+pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigProblem> {
+    if !path.is_file() {
+        return Err(ConfigProblem {
+            key: String::new(),
+            message: format!("cannot read {}: no such file", path.display()),
+        });
+    }
+    config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("EPHEMERA")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("tls.trust_domains"),
+        )
+        .build()
+        .and_then(|c| c.try_deserialize::<FileConfig>())
+        .map_err(|e| ConfigProblem {
+            key: String::new(),
+            message: e.to_string(),
+        })
+}
+
+fn load_certs(
+    path: &Path,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<Vec<CertificateDer<'static>>> {
+    match CertificateDer::pem_file_iter(path).and_then(|iter| iter.collect::<Result<Vec<_>, _>>()) {
+        Ok(certs) if certs.is_empty() => {
+            problems.add(key, format!("{} holds no PEM certificate", path.display()));
+            None
+        }
+        Ok(certs) => Some(certs),
+        Err(e) => {
+            problems.add(
+                key,
+                format!("cannot read PEM certificates from {}: {e}", path.display()),
+            );
+            None
+        }
+    }
+}
+
+fn load_key(path: &Path, key: &str, problems: &mut Problems) -> Option<PrivateKeyDer<'static>> {
+    match PrivateKeyDer::from_pem_file(path) {
+        Ok(k) => Some(k),
+        // The error never contains key material, only what kind of problem.
+        Err(e) => {
+            problems.add(
+                key,
+                format!("cannot read a PEM private key from {}: {e}", path.display()),
+            );
+            None
+        }
+    }
+}
+
+fn read_secret_file(path: &Path, key: &str, problems: &mut Problems) -> Option<Password> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let secret = text.trim_end_matches(['\r', '\n']).to_owned();
+            if secret.is_empty() {
+                problems.add(key, format!("{} is empty", path.display()));
+                None
+            } else {
+                Some(Password::new(secret))
+            }
+        }
+        Err(e) => {
+            problems.add(key, format!("cannot read {}: {e}", path.display()));
+            None
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Front door: from TCP accept to a verified identity and its startup packet.
+//!
+//! 1. Plain `SSLRequest` → `S` → TLS, or a TLS ClientHello straight away
+//!    ("direct TLS", PostgreSQL 17's `sslnegotiation=direct`, ALPN required).
+//! 2. Inside TLS: the `StartupMessage` (or a `CancelRequest`).
+//! 3. The client certificate must be a valid X.509-SVID: that is the identity.
+//!
+//! Plaintext startup, `GSSENCRequest` and a missing or bad certificate are
+//! refused with a FATAL `ErrorResponse` saying how to connect. A
+//! `CancelRequest` is honoured in plaintext or TLS, without a certificate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::UnixTime;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::ALPN_POSTGRESQL;
+use crate::identity::{IdentityError, SpiffeId};
+use crate::protocol::{read_first_packet, FirstPacket, ProtocolError, StartupRequest};
+use crate::refusal::Refusal;
+use crate::server::Proxy;
+
+/// The first byte of a TLS handshake record: a client starting TLS directly.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// A client that got through the front door.
+pub struct Admitted {
+    pub stream: TlsStream<TcpStream>,
+    pub startup: StartupRequest,
+    pub identity: SpiffeId,
+}
+
+/// Run the front door for one connection. `None` means the connection has
+/// been dealt with (refused, closed, or it was a cancel request).
+pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Option<Admitted> {
+    let mut first = [0u8; 1];
+    let direct_tls = match tcp.peek(&mut first).await {
+        Ok(1) => first[0] == TLS_HANDSHAKE_RECORD,
+        _ => return None,
+    };
+
+    let mut tls = if direct_tls {
+        let tls = accept_tls(proxy, tcp, peer).await?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+            refuse(tls, Refusal::DirectTlsWithoutAlpn, peer).await;
+            return None;
+        }
+        tls
+    } else {
+        match read_first_packet(&mut tcp).await {
+            Ok(FirstPacket::SslRequest) => {
+                tcp.write_all(b"S").await.ok()?;
+                accept_tls(proxy, tcp, peer).await?
+            }
+            Ok(FirstPacket::Cancel(key)) => {
+                proxy.cancel(key, peer).await;
+                return None;
+            }
+            Ok(FirstPacket::GssEncRequest) => {
+                refuse(tcp, Refusal::GssEncryption, peer).await;
+                return None;
+            }
+            Ok(FirstPacket::Startup(_)) => {
+                refuse(tcp, Refusal::TlsRequired, peer).await;
+                return None;
+            }
+            Err(ProtocolError::Closed) => return None,
+            Err(e) => {
+                refuse(tcp, Refusal::Protocol(e), peer).await;
+                return None;
+            }
+        }
+    };
+
+    let startup = match read_first_packet(&mut tls).await {
+        Ok(FirstPacket::Startup(startup)) => startup,
+        Ok(FirstPacket::Cancel(key)) => {
+            proxy.cancel(key, peer).await;
+            return None;
+        }
+        Ok(FirstPacket::SslRequest) | Ok(FirstPacket::GssEncRequest) => {
+            let e = ProtocolError::Unexpected("an encryption request inside TLS");
+            refuse(tls, Refusal::Protocol(e), peer).await;
+            return None;
+        }
+        Err(ProtocolError::Closed) => return None,
+        Err(e) => {
+            refuse(tls, Refusal::Protocol(e), peer).await;
+            return None;
+        }
+    };
+
+    let verified = match tls.get_ref().1.peer_certificates() {
+        None | Some([]) => Err(IdentityError::NoCertificate),
+        Some(chain) => proxy.svid_verifier.verify(chain, UnixTime::now()),
+    };
+    match verified {
+        Ok(identity) => Some(Admitted {
+            stream: tls,
+            startup,
+            identity,
+        }),
+        Err(e) => {
+            refuse(tls, Refusal::Identity(e), peer).await;
+            None
+        }
+    }
+}
+
+async fn accept_tls(
+    proxy: &Proxy,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<TlsStream<TcpStream>> {
+    match proxy.tls_acceptor.accept(tcp).await {
+        Ok(tls) => Some(tls),
+        Err(error) => {
+            tracing::info!(client_addr = %peer, %error, "TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// Send the refusal as a FATAL `ErrorResponse` and close.
+pub async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, refusal: Refusal, peer: SocketAddr) {
+    tracing::info!(client_addr = %peer, sqlstate = refusal.sqlstate(), reason = %refusal, "connection refused");
+    let _ = stream.write_all(&refusal.to_message()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Shared by the accept loop: run the front door under the handshake timeout.
+pub async fn admit_within_timeout(
+    proxy: &Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<Admitted> {
+    match tokio::time::timeout(proxy.handshake_timeout, admit(proxy, tcp, peer)).await {
+        Ok(admitted) => admitted,
+        Err(_) => {
+            tracing::info!(client_addr = %peer, timeout = ?proxy.handshake_timeout, "handshake timed out; connection closed");
+            None
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Policy: which identities may use which role templates.
+//!
+//! Each `[[policy]]` rule pairs a SPIFFE ID pattern with templates. A pattern
+//! is a SPIFFE ID whose path segments may be `*` (exactly one segment) or,
+//! as the last segment only, `**` (one or more remaining segments). An
+//! identity may use the union of the templates of every rule it matches.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use crate::identity::{parse_spiffe_uri, SpiffeId, SpiffeIdError};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("{0}")]
+    Syntax(#[from] SpiffeIdError),
+    #[error("\"**\" may only be the last path segment")]
+    DoubleStarNotLast,
+}
+
+/// A SPIFFE ID pattern, e.g. `spiffe://example.org/ns/*/sa/billing`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IdPattern {
+    text: String,
+    trust_domain: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Exact(String),
+    AnyOne,
+    AnyRest,
+}
+
+impl IdPattern {
+    pub fn parse(text: &str) -> Result<Self, PatternError> {
+        parse_spiffe_uri(text, true)?;
+        let rest = &text["spiffe://".len()..];
+        let (trust_domain, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let segments: Vec<Segment> = path
+            .split('/')
+            .skip(1)
+            .map(|s| match s {
+                "*" => Segment::AnyOne,
+                "**" => Segment::AnyRest,
+                exact => Segment::Exact(exact.to_owned()),
+            })
+            .collect();
+        if let Some(i) = segments.iter().position(|s| *s == Segment::AnyRest) {
+            if i != segments.len() - 1 {
+                return Err(PatternError::DoubleStarNotLast);
+            }
+        }
+        Ok(IdPattern {
+            text: text.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            segments,
+        })
+    }
+
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        if id.trust_domain() != self.trust_domain {
+            return false;
+        }
+        let mut ids = id.segments();
+        for pattern in &self.segments {
+            match pattern {
+                Segment::AnyRest => return ids.next().is_some(),
+                Segment::AnyOne => {
+                    if ids.next().is_none() {
+                        return false;
+                    }
+                }
+                Segment::Exact(want) => {
+                    if ids.next() != Some(want.as_str()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        ids.next().is_none()
+    }
+}
+
+impl fmt::Display for IdPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl fmt::Debug for IdPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.text, f)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyRule {
+    pub pattern: IdPattern,
+    pub templates: Vec<String>,
+}
+
+/// The decision for one identity asking for one template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allowed,
+    /// Denied; `allowed` lists what this identity may use instead.
+    Denied {
+        allowed: BTreeSet<String>,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<PolicyRule>,
+}
+
+impl Policy {
+    pub fn new(rules: Vec<PolicyRule>) -> Self {
+        Policy { rules }
+    }
+
+    /// Every template `id` may use.
+    pub fn templates_for(&self, id: &SpiffeId) -> BTreeSet<String> {
+        self.rules
+            .iter()
+            .filter(|rule| rule.pattern.matches(id))
+            .flat_map(|rule| rule.templates.iter().cloned())
+            .collect()
+    }
+
+    pub fn decide(&self, id: &SpiffeId, template: &str) -> Decision {
+        let allowed = self.templates_for(id);
+        if allowed.contains(template) {
+            Decision::Allowed
+        } else {
+            Decision::Denied { allowed }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn exact_and_wildcard_patterns_match_as_documented() {
+        let exact = IdPattern::parse("spiffe://example.org/ns/prod/sa/billing").unwrap();
+        assert!(exact.matches(&id("spiffe://example.org/ns/prod/sa/billing")));
+        assert!(!exact.matches(&id("spiffe://example.org/ns/prod/sa/billing/x")));
+        assert!(!exact.matches(&id("spiffe://other.org/ns/prod/sa/billing")));
+
+        let one = IdPattern::parse("spiffe://example.org/ns/*/sa/billing").unwrap();
+        assert!(one.matches(&id("spiffe://example.org/ns/dev/sa/billing")));
+        assert!(!one.matches(&id("spiffe://example.org/ns/a/b/sa/billing")));
+        assert!(!one.matches(&id("spiffe://example.org/ns/sa/billing")));
+
+        let rest = IdPattern::parse("spiffe://example.org/ns/**").unwrap();
+        assert!(rest.matches(&id("spiffe://example.org/ns/a")));
+        assert!(rest.matches(&id("spiffe://example.org/ns/a/b/c")));
+        assert!(!rest.matches(&id("spiffe://example.org/ns")));
+        assert!(!rest.matches(&id("spiffe://example.org/nsx/a")));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        assert_eq!(
+            IdPattern::parse("spiffe://example.org/**/x"),
+            Err(PatternError::DoubleStarNotLast)
+        );
+        assert!(IdPattern::parse("spiffe://example.org/a*").is_err());
+        assert!(IdPattern::parse("https://example.org/a").is_err());
+    }
+
+    #[test]
+    fn decisions_union_rules_and_name_alternatives() {
+        let policy = Policy::new(vec![
+            PolicyRule {
+                pattern: IdPattern::parse("spiffe://example.org/app/*").unwrap(),
+                templates: vec!["app_ro".into()],
+            },
+            PolicyRule {
+                pattern: IdPattern::parse("spiffe://example.org/app/web").unwrap(),
+                templates: vec!["app_rw".into()],
+            },
+        ]);
+        let web = id("spiffe://example.org/app/web");
+        assert_eq!(policy.decide(&web, "app_rw"), Decision::Allowed);
+        assert_eq!(policy.decide(&web, "app_ro"), Decision::Allowed);
+        let worker = id("spiffe://example.org/app/worker");
+        assert_eq!(
+            policy.decide(&worker, "app_rw"),
+            Decision::Denied {
+                allowed: ["app_ro".to_string()].into()
+            }
+        );
+    }
+}

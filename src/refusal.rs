@@ -1,0 +1,119 @@
+//! Refusals: every way a client can be turned away, with the SQLSTATE and a
+//! message (and hint) that says what to do about it.
+
+use std::collections::BTreeSet;
+
+use bytes::BytesMut;
+use ephemera_engine::EngineError;
+
+use crate::identity::{IdentityError, SpiffeId};
+use crate::protocol::{fatal, sqlstate, ProtocolError};
+use crate::upstream::UpstreamError;
+
+const CONNECT_HINT: &str = "Connect with TLS and your X.509-SVID as the client certificate, e.g. \
+     \"sslmode=verify-full sslrootcert=<ephemera CA> sslcert=<svid.pem> sslkey=<svid-key.pem>\".";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("Ephemera accepts only TLS connections with a client certificate")]
+    TlsRequired,
+    #[error("GSSAPI encryption is not supported by Ephemera; use TLS")]
+    GssEncryption,
+    #[error("direct TLS connections must negotiate the \"postgresql\" ALPN protocol")]
+    DirectTlsWithoutAlpn,
+    #[error("{0}")]
+    Identity(IdentityError),
+    #[error("{0}")]
+    Protocol(ProtocolError),
+    #[error("no role template requested for identity {identity}")]
+    NoTemplate {
+        identity: SpiffeId,
+        allowed: BTreeSet<String>,
+    },
+    #[error("there is no role template named {template:?} (identity {identity})")]
+    UnknownTemplate {
+        identity: SpiffeId,
+        template: String,
+        allowed: BTreeSet<String>,
+    },
+    #[error("identity {identity} may not use role template {template:?}")]
+    Denied {
+        identity: SpiffeId,
+        template: String,
+        allowed: BTreeSet<String>,
+    },
+    #[error("role template {template:?} is for database {expected:?}, not {requested:?}")]
+    WrongDatabase {
+        template: String,
+        expected: String,
+        requested: String,
+    },
+    #[error("replication connections are not supported through Ephemera")]
+    Replication,
+    #[error("could not create a role for this session: {0}")]
+    Mint(EngineError),
+    #[error("{0}")]
+    Upstream(UpstreamError),
+}
+
+impl Refusal {
+    pub fn sqlstate(&self) -> &'static str {
+        use sqlstate::*;
+        match self {
+            Refusal::TlsRequired
+            | Refusal::GssEncryption
+            | Refusal::Identity(_)
+            | Refusal::NoTemplate { .. }
+            | Refusal::UnknownTemplate { .. }
+            | Refusal::Denied { .. }
+            | Refusal::WrongDatabase { .. } => INVALID_AUTHORIZATION,
+            Refusal::DirectTlsWithoutAlpn => PROTOCOL_VIOLATION,
+            Refusal::Protocol(ProtocolError::UnsupportedVersion(..)) => FEATURE_NOT_SUPPORTED,
+            Refusal::Protocol(_) => PROTOCOL_VIOLATION,
+            Refusal::Replication => FEATURE_NOT_SUPPORTED,
+            Refusal::Mint(EngineError::Unavailable { .. }) => CONNECTION_FAILURE,
+            Refusal::Mint(_) => REJECTED_CONNECTION,
+            Refusal::Upstream(UpstreamError::Refused { .. }) => REJECTED_CONNECTION,
+            Refusal::Upstream(_) => CONNECTION_FAILURE,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Refusal::TlsRequired
+            | Refusal::GssEncryption
+            | Refusal::Identity(IdentityError::NoCertificate) => Some(CONNECT_HINT.to_owned()),
+            Refusal::Identity(_) => Some(
+                "Use a current X.509-SVID issued by a trust domain Ephemera accepts (sslcert/sslkey)."
+                    .to_owned(),
+            ),
+            Refusal::NoTemplate { allowed, .. }
+            | Refusal::UnknownTemplate { allowed, .. }
+            | Refusal::Denied { allowed, .. } => Some(alternatives(allowed)),
+            Refusal::WrongDatabase { expected, .. } => Some(format!("Connect with dbname={expected}.")),
+            Refusal::Mint(_) | Refusal::Upstream(_) => Some(
+                "This is not caused by your connection settings; retry later or ask the Ephemera operator to check its log."
+                    .to_owned(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// The `ErrorResponse` to send. An upstream's own refusal is passed on as is.
+    pub fn to_message(&self) -> BytesMut {
+        if let Refusal::Upstream(UpstreamError::Refused { raw, .. }) = self {
+            return raw.clone();
+        }
+        fatal(self.sqlstate(), &self.to_string(), self.hint().as_deref())
+    }
+}
+
+fn alternatives(allowed: &BTreeSet<String>) -> String {
+    if allowed.is_empty() {
+        "This identity may use no role template; ask your DBA to add a [[policy]] rule for it."
+            .to_owned()
+    } else {
+        let list: Vec<&str> = allowed.iter().map(String::as_str).collect();
+        format!("Set user=<template> to one of: {}.", list.join(", "))
+    }
+}

@@ -1,0 +1,166 @@
+//! Session: an admitted client's life, from the policy decision to the end.
+//!
+//! policy → mint a role (lease) → log in upstream as it → greet the client →
+//! relay → revoke. The lease is revoked however this ends (normal close,
+//! error, panic), because [`SessionLease`] revokes itself when dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+use crate::front_door::{refuse, Admitted};
+use crate::leases::{EndReason, SessionLease};
+use crate::policy::Decision;
+use crate::protocol::{authentication_ok, backend_key_data, negotiate_protocol_version};
+use crate::refusal::Refusal;
+use crate::server::Proxy;
+use crate::upstream;
+
+/// Startup parameters Ephemera decides itself; everything else is passed on.
+const OWNED_PARAMETERS: [&str; 3] = ["user", "database", "replication"];
+
+/// What the startup packet asks for, once the policy has allowed it.
+struct Request {
+    template: String,
+    database: String,
+    ttl: std::time::Duration,
+    /// Parameters to pass to the upstream (application_name, options, …).
+    forwarded: Vec<(String, String)>,
+    /// `_pq_.` protocol options we do not support, to report to the client.
+    unsupported_options: Vec<String>,
+    minor_version: u16,
+}
+
+pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
+    let Admitted {
+        mut stream,
+        startup,
+        identity,
+    } = admitted;
+
+    let request = match decide(&proxy, &identity, startup) {
+        Ok(request) => request,
+        Err(refusal) => return refuse(stream, refusal, peer).await,
+    };
+
+    let mut lease = match proxy
+        .leases
+        .issue(&identity, &request.template, request.ttl, peer)
+        .await
+    {
+        Ok(lease) => lease,
+        Err(e) => return refuse(stream, Refusal::Mint(e), peer).await,
+    };
+
+    let mut session = match upstream::login(
+        &proxy.upstream,
+        &lease.lease().role,
+        &request.database,
+        &request.forwarded,
+        lease.secret(),
+    )
+    .await
+    {
+        Ok(session) => session,
+        Err(e) => {
+            lease.set_end_reason(EndReason::LoginFailed);
+            return refuse(stream, Refusal::Upstream(e), peer).await;
+        }
+    };
+
+    let cancel = proxy.cancels.register(session.backend_key);
+    let mut hello = BytesMut::with_capacity(session.greeting.len() + 64);
+    if request.minor_version != 0 || !request.unsupported_options.is_empty() {
+        hello.extend_from_slice(&negotiate_protocol_version(request.unsupported_options));
+    }
+    hello.extend_from_slice(&authentication_ok());
+    hello.extend_from_slice(&session.greeting);
+    hello.extend_from_slice(&backend_key_data(cancel.client_key()));
+    hello.extend_from_slice(&session.ready_for_query);
+    if stream.write_all(&hello).await.is_err() {
+        return;
+    }
+
+    log_session(&lease, peer, "session started");
+    let result = crate::relay::relay(&mut stream, &mut session.stream).await;
+    match result {
+        Ok(relayed) => tracing::info!(
+            lease_id = %lease.lease().id, role = %lease.lease().role,
+            bytes_to_upstream = relayed.to_upstream, bytes_to_client = relayed.to_client,
+            "session ended"
+        ),
+        Err(error) => tracing::info!(
+            lease_id = %lease.lease().id, role = %lease.lease().role, %error,
+            "session ended with a connection error"
+        ),
+    }
+    drop(cancel);
+    drop(lease);
+}
+
+fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {
+    let lease = lease.lease();
+    tracing::info!(
+        lease_id = %lease.id, identity = %lease.identity, template = %lease.template,
+        role = %lease.role, database = %lease.database, client_addr = %peer, "{what}"
+    );
+}
+
+/// Apply the policy to what the startup packet asks for.
+fn decide(
+    proxy: &Proxy,
+    identity: &crate::identity::SpiffeId,
+    startup: crate::protocol::StartupRequest,
+) -> Result<Request, Refusal> {
+    let mut parameters = startup.parameters;
+    if let Some(replication) = parameters.get("replication") {
+        if !matches!(replication.as_str(), "false" | "off" | "no" | "0") {
+            return Err(Refusal::Replication);
+        }
+    }
+    let template = parameters.remove("user").unwrap_or_default();
+    if template.is_empty() {
+        return Err(Refusal::NoTemplate {
+            identity: identity.clone(),
+            allowed: proxy.policy.templates_for(identity),
+        });
+    }
+    let Some(settings) = proxy.templates.get(&template) else {
+        return Err(Refusal::UnknownTemplate {
+            identity: identity.clone(),
+            template,
+            allowed: proxy.policy.templates_for(identity),
+        });
+    };
+    if let Decision::Denied { allowed } = proxy.policy.decide(identity, &template) {
+        return Err(Refusal::Denied {
+            identity: identity.clone(),
+            template,
+            allowed,
+        });
+    }
+    let database = match parameters.remove("database") {
+        Some(db) if !db.is_empty() && db != settings.database => {
+            return Err(Refusal::WrongDatabase {
+                template,
+                expected: settings.database.clone(),
+                requested: db,
+            })
+        }
+        _ => settings.database.clone(),
+    };
+    let (unsupported_options, forwarded) = parameters
+        .into_iter()
+        .filter(|(k, _)| !OWNED_PARAMETERS.contains(&k.as_str()))
+        .partition::<Vec<_>, _>(|(k, _)| k.starts_with("_pq_."));
+    Ok(Request {
+        template,
+        database,
+        ttl: settings.ttl,
+        forwarded,
+        unsupported_options: unsupported_options.into_iter().map(|(k, _)| k).collect(),
+        minor_version: startup.minor_version,
+    })
+}
