@@ -221,7 +221,9 @@ impl SvidVerifier {
                     index,
                     reason: e.to_string(),
                 })?;
-            root_subjects.push(DistinguishedName::from(anchor.subject.to_vec()));
+            // The anchor's subject is the Name without its SEQUENCE header; the
+            // TLS CertificateRequest wants the full DER.
+            root_subjects.push(DistinguishedName::in_sequence(&anchor.subject));
             anchors.push(anchor.to_owned());
         }
         Ok(SvidVerifier {

@@ -50,8 +50,11 @@ pub enum Refusal {
     },
     #[error("replication connections are not supported through Ephemera")]
     Replication,
-    #[error("could not create a role for this session: {0}")]
-    Mint(EngineError),
+    #[error("could not create a role for this session on the upstream PostgreSQL at {upstream}: {source}")]
+    Mint {
+        upstream: String,
+        source: EngineError,
+    },
     #[error("{0}")]
     Upstream(UpstreamError),
 }
@@ -71,8 +74,11 @@ impl Refusal {
             Refusal::Protocol(ProtocolError::UnsupportedVersion(..)) => FEATURE_NOT_SUPPORTED,
             Refusal::Protocol(_) => PROTOCOL_VIOLATION,
             Refusal::Replication => FEATURE_NOT_SUPPORTED,
-            Refusal::Mint(EngineError::Unavailable { .. }) => CONNECTION_FAILURE,
-            Refusal::Mint(_) => REJECTED_CONNECTION,
+            Refusal::Mint {
+                source: EngineError::Unavailable { .. },
+                ..
+            } => CONNECTION_FAILURE,
+            Refusal::Mint { .. } => REJECTED_CONNECTION,
             Refusal::Upstream(UpstreamError::Refused { .. }) => REJECTED_CONNECTION,
             Refusal::Upstream(_) => CONNECTION_FAILURE,
         }
@@ -91,7 +97,7 @@ impl Refusal {
             | Refusal::UnknownTemplate { allowed, .. }
             | Refusal::Denied { allowed, .. } => Some(alternatives(allowed)),
             Refusal::WrongDatabase { expected, .. } => Some(format!("Connect with dbname={expected}.")),
-            Refusal::Mint(_) | Refusal::Upstream(_) => Some(
+            Refusal::Mint { .. } | Refusal::Upstream(_) => Some(
                 "This is not caused by your connection settings; retry later or ask the Ephemera operator to check its log."
                     .to_owned(),
             ),

@@ -51,7 +51,10 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
         .await
     {
         Ok(lease) => lease,
-        Err(e) => return refuse(stream, Refusal::Mint(e), peer).await,
+        Err(source) => {
+            let upstream = proxy.upstream.address();
+            return refuse(stream, Refusal::Mint { upstream, source }, peer).await;
+        }
     };
 
     let mut session = match upstream::login(

@@ -185,10 +185,11 @@ fn unquotable(e: sql::Unquotable) -> EngineError {
 }
 
 fn db_error(action: &'static str, error: tokio_postgres::Error) -> EngineError {
-    if error.as_db_error().is_some() {
+    if let Some(db) = error.as_db_error() {
+        // tokio-postgres prints only "db error"; say what the server said.
         EngineError::Refused {
             action,
-            source: Box::new(error),
+            source: format!("{} (SQLSTATE {})", db.message(), db.code().code()).into(),
         }
     } else {
         EngineError::Unavailable {

@@ -1,0 +1,319 @@
+//! An Ephemera proxy for tests, in-process or as the real binary, in front of
+//! the shared test cluster.
+//!
+//! The upstream gets, once per test binary ([`upstream()`]): an admin role
+//! `ephemera_admin` with CREATEROLE only (created from a SCRAM verifier, so
+//! no password reaches the statement log), a database `billing` with a table
+//! `invoices`, and a group role `billing_rw` that may read and write it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ephemera::{Server, Settings};
+use rand::distributions::{Alphanumeric, DistString};
+use tokio::sync::{oneshot, OnceCell};
+
+use super::pg::cluster;
+use super::pki::{make_tls_connect, TestCa, TestCert};
+
+pub const TRUST_DOMAIN: &str = "example.org";
+/// The identity the default policy allows every template to.
+pub const BILLING_ID: &str = "spiffe://example.org/ns/prod/sa/billing";
+/// An identity in the trust domain that the default policy allows nothing.
+pub const STRANGER_ID: &str = "spiffe://example.org/ns/prod/sa/stranger";
+pub const ADMIN_USER: &str = "ephemera_admin";
+pub const DATABASE: &str = "billing";
+pub const GROUP: &str = "billing_rw";
+
+pub struct UpstreamFixture {
+    pub admin_password: String,
+}
+
+static UPSTREAM: OnceCell<UpstreamFixture> = OnceCell::const_new();
+
+/// Prepare the upstream (idempotent, once per test binary).
+pub async fn upstream() -> &'static UpstreamFixture {
+    UPSTREAM
+        .get_or_init(|| async {
+            let admin_password = Alphanumeric.sample_string(&mut rand::thread_rng(), 24);
+            let verifier = postgres_protocol::password::scram_sha_256(admin_password.as_bytes());
+            let c = cluster();
+            c.exec_sql(
+                "postgres",
+                &format!(
+                    "CREATE ROLE {ADMIN_USER} LOGIN CREATEROLE PASSWORD '{verifier}';
+                     CREATE ROLE {GROUP} NOLOGIN;
+                     CREATE ROLE billing_owner NOLOGIN;
+                     GRANT billing_owner TO {ADMIN_USER};"
+                ),
+            )
+            .await;
+            // CREATE DATABASE cannot share a transaction with anything else.
+            c.exec_sql("postgres", &format!("CREATE DATABASE {DATABASE}"))
+                .await;
+            c.exec_sql(
+                DATABASE,
+                &format!(
+                    "CREATE TABLE invoices (id int PRIMARY KEY, amount numeric NOT NULL);
+                     INSERT INTO invoices VALUES (1, 9.99), (2, 20.00);
+                     GRANT SELECT, INSERT, UPDATE, DELETE ON invoices TO {GROUP};
+                     GRANT CREATE ON SCHEMA public TO {GROUP};
+                     GRANT SELECT ON invoices TO {ADMIN_USER} WITH GRANT OPTION;"
+                ),
+            )
+            .await;
+            UpstreamFixture { admin_password }
+        })
+        .await
+}
+
+/// What to put in the proxy's configuration.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// Template names; each uses database `billing` and joins `billing_rw`,
+    /// and the policy gives all of them to [`BILLING_ID`].
+    pub templates: Vec<String>,
+    /// Overrides the upstream port (e.g. a closed one).
+    pub upstream_port: Option<u16>,
+    pub login_window: &'static str,
+    /// Extra TOML appended to every template section.
+    pub template_extra: String,
+}
+
+impl ProxyOptions {
+    pub fn templates(names: &[&str]) -> Self {
+        ProxyOptions {
+            templates: names.iter().map(|s| s.to_string()).collect(),
+            upstream_port: None,
+            login_window: "60s",
+            template_extra: String::new(),
+        }
+    }
+}
+
+/// Certificates and configuration on disk for one proxy.
+pub struct ProxyFiles {
+    pub dir: tempfile::TempDir,
+    /// The SPIFFE trust bundle's CA: it issues the workloads' SVIDs.
+    pub svid_ca: TestCa,
+    /// The CA that signed the proxy's own server certificate.
+    pub server_ca: TestCa,
+    pub server_ca_path: PathBuf,
+    pub config_path: PathBuf,
+}
+
+impl ProxyFiles {
+    /// Write certificates and `config.toml` listening on `listen`.
+    pub async fn write(options: &ProxyOptions, listen: &str) -> ProxyFiles {
+        let upstream = upstream().await;
+        let c = cluster();
+        let dir = tempfile::tempdir().expect("a temp dir for the proxy");
+        let svid_ca = TestCa::new("spiffe-bundle");
+        let server_ca = TestCa::new("ephemera-server");
+        let server = server_ca.server_cert(&["localhost"], &["127.0.0.1".parse().expect("an IP")]);
+        server.write(dir.path(), "server");
+        let bundle_path = svid_ca.write_pem(dir.path());
+        let server_ca_path = server_ca.write_pem(dir.path());
+        std::fs::write(dir.path().join("admin-password"), &upstream.admin_password)
+            .expect("writing the admin password file");
+        let mut toml = format!(
+            r#"
+[listen]
+address = "{listen}"
+handshake_timeout = "10s"
+
+[tls]
+cert = "server.pem"
+key = "server-key.pem"
+trust_bundle = "{bundle}"
+trust_domains = ["{TRUST_DOMAIN}"]
+
+[upstream]
+host = "{host}"
+port = {port}
+admin_database = "postgres"
+admin_user = "{ADMIN_USER}"
+admin_password_file = "admin-password"
+sslmode = "verify-full"
+ca = "{upstream_ca}"
+pool_size = 2
+
+[lease]
+login_window = "{login_window}"
+"#,
+            bundle = bundle_path.display(),
+            host = c.host(),
+            port = options.upstream_port.unwrap_or(c.port()),
+            upstream_ca = c.ca_pem_path().display(),
+            login_window = options.login_window,
+        );
+        for name in &options.templates {
+            toml.push_str(&format!(
+                "\n[templates.{name}]\ndatabase = \"{DATABASE}\"\nmember_of = [\"{GROUP}\"]\n{}\n",
+                options.template_extra
+            ));
+        }
+        let all: Vec<String> = options
+            .templates
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect();
+        toml.push_str(&format!(
+            "\n[[policy]]\nspiffe_id = \"{BILLING_ID}\"\ntemplates = [{}]\n",
+            all.join(", ")
+        ));
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, toml).expect("writing config.toml");
+        ProxyFiles {
+            dir,
+            svid_ca,
+            server_ca,
+            server_ca_path,
+            config_path,
+        }
+    }
+
+    /// A valid SVID for `spiffe_id` from the trust bundle's CA.
+    pub fn svid(&self, spiffe_id: &str) -> TestCert {
+        self.svid_ca.svid(spiffe_id)
+    }
+
+    /// A libpq connection string for `psql` with `cert` (written to disk).
+    pub fn conninfo(
+        &self,
+        addr: SocketAddr,
+        cert: &TestCert,
+        template: &str,
+        database: &str,
+    ) -> String {
+        let name = format!(
+            "client-{}",
+            Alphanumeric.sample_string(&mut rand::thread_rng(), 8)
+        );
+        let (cert_path, key_path) = cert.write(self.dir.path(), &name);
+        format!(
+            "host={} port={} dbname={database} user={template} sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+            addr.ip(),
+            addr.port(),
+            self.server_ca_path.display(),
+            cert_path.display(),
+            key_path.display()
+        )
+    }
+}
+
+/// An in-process proxy serving on a random port until dropped or shut down.
+pub struct TestProxy {
+    pub files: ProxyFiles,
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestProxy {
+    pub async fn start(options: ProxyOptions) -> TestProxy {
+        let files = ProxyFiles::write(&options, "127.0.0.1:0").await;
+        let settings = Settings::load(&files.config_path).unwrap_or_else(|e| panic!("{e}"));
+        let server = Server::bind(settings).await.expect("the proxy binds");
+        let addr = server.local_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async move {
+            let _ = rx.await;
+        }));
+        TestProxy {
+            files,
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// A tokio-postgres config for this proxy (TLS is required by the caller's connector).
+    pub fn pg_config(&self, template: &str, database: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("localhost")
+            .hostaddr(self.addr.ip())
+            .port(self.addr.port())
+            .user(template)
+            .dbname(database)
+            .ssl_mode(tokio_postgres::config::SslMode::Require)
+            .connect_timeout(Duration::from_secs(10));
+        config
+    }
+
+    /// Connect through the proxy with `cert` as client certificate (or none).
+    pub async fn connect(
+        &self,
+        cert: Option<&TestCert>,
+        template: &str,
+        database: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let tls = make_tls_connect(self.files.server_ca.cert_pem(), cert);
+        let (client, connection) = self.pg_config(template, database).connect(tls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    pub fn svid(&self, spiffe_id: &str) -> TestCert {
+        self.files.svid(spiffe_id)
+    }
+
+    pub fn conninfo(&self, cert: &TestCert, template: &str, database: &str) -> String {
+        self.files.conninfo(self.addr, cert, template, database)
+    }
+
+    /// Stop accepting, revoke every lease, wait for the server task.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("the server task ends cleanly");
+        }
+    }
+}
+
+/// Roles whose names start with `prefix`, as the superuser sees them.
+pub async fn roles_with_prefix(prefix: &str) -> Vec<String> {
+    let client = cluster().superuser("postgres").await;
+    client
+        .query(
+            "SELECT rolname FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY 1",
+            &[&prefix],
+        )
+        .await
+        .expect("listing roles")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// Poll until no role starts with `prefix`; false if some remain at the deadline.
+pub async fn wait_until_no_roles(prefix: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if roles_with_prefix(prefix).await.is_empty() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The role-name prefix of a template.
+pub fn role_prefix(template: &str) -> String {
+    format!("eph_{template}_")
+}
+
+/// Path of the `psql` binary of the test cluster's installation.
+pub fn psql() -> PathBuf {
+    cluster().bin_dir().join("psql")
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
