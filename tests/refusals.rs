@@ -218,3 +218,29 @@ async fn an_unreachable_upstream_is_08006_naming_it_and_the_proxy_survives() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_closed_at_the_handshake_timeout() {
+    let template = "r_slow";
+    let mut options = ProxyOptions::templates(&[template]);
+    options.handshake_timeout = "500ms";
+    let proxy = TestProxy::start(options).await;
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    // Half a packet, then nothing.
+    silent.write_all(&[0, 0, 0]).await.expect("write");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the proxy closes a connection that stalls its handshake"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed by the timeout, not at once"
+    );
+    assert_good_client_gets_in(&proxy, template).await;
+    proxy.shutdown().await;
+}

@@ -77,6 +77,7 @@ pub struct ProxyOptions {
     /// Overrides the upstream port (e.g. a closed one).
     pub upstream_port: Option<u16>,
     pub login_window: &'static str,
+    pub handshake_timeout: &'static str,
     /// Extra TOML appended to every template section.
     pub template_extra: String,
 }
@@ -87,6 +88,7 @@ impl ProxyOptions {
             templates: names.iter().map(|s| s.to_string()).collect(),
             upstream_port: None,
             login_window: "60s",
+            handshake_timeout: "10s",
             template_extra: String::new(),
         }
     }
@@ -121,7 +123,7 @@ impl ProxyFiles {
             r#"
 [listen]
 address = "{listen}"
-handshake_timeout = "10s"
+handshake_timeout = "{handshake_timeout}"
 
 [tls]
 cert = "server.pem"
@@ -147,6 +149,7 @@ login_window = "{login_window}"
             port = options.upstream_port.unwrap_or(c.port()),
             upstream_ca = c.ca_pem_path().display(),
             login_window = options.login_window,
+            handshake_timeout = options.handshake_timeout,
         );
         for name in &options.templates {
             toml.push_str(&format!(

@@ -1,0 +1,74 @@
+//! The configuration schema: the annotated example parses, and broken
+//! configurations are reported with the key path.
+
+use std::path::Path;
+
+use ephemera::config::{read_file_config, Settings};
+
+#[test]
+fn the_annotated_example_uses_the_real_schema() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+    let file = read_file_config(&path).unwrap_or_else(|p| panic!("{p}"));
+    assert_eq!(file.listen.address, "127.0.0.1:5432");
+    assert!(file.templates.contains_key("billing_rw"));
+    assert_eq!(file.policy[0].templates, ["billing_rw"]);
+}
+
+#[test]
+fn problems_are_reported_with_their_key_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        r#"
+[listen]
+address = "not an address"
+[tls]
+cert = "missing.pem"
+key = "missing-key.pem"
+trust_bundle = "missing-ca.pem"
+trust_domains = ["Example.org"]
+[upstream]
+host = "127.0.0.1"
+port = 5432
+admin_user = "ephemera_admin"
+admin_password_file = "missing-password"
+sslmode = "verify-ca"
+[templates.Bad-Name]
+database = "billing"
+[[policy]]
+spiffe_id = "spiffe://example.org/**/x"
+templates = ["nope"]
+"#,
+    )
+    .expect("write");
+    let errors = Settings::load(&config).expect_err("broken config is refused");
+    let keys: Vec<&str> = errors.problems.iter().map(|p| p.key.as_str()).collect();
+    for key in [
+        "listen.address",
+        "tls.trust_domains[0]",
+        "tls.trust_bundle",
+        "tls.cert",
+        "tls.key",
+        "upstream.sslmode",
+        "upstream.admin_password_file",
+        "templates.Bad-Name",
+        "policy[0].spiffe_id",
+        "policy[0].templates[0]",
+    ] {
+        assert!(keys.contains(&key), "{key} not reported: {errors}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[listen]\naddress = \"127.0.0.1:1\"\nhandshake_timeuot = \"1s\"\n",
+    )
+    .expect("write");
+    let problem = read_file_config(&config).expect_err("typo refused");
+    assert!(problem.message.contains("handshake_timeuot"), "{problem}");
+}
