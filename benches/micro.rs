@@ -90,6 +90,7 @@ fn lease_comment(c: &mut Criterion) {
     let lease = Lease {
         id: uuid::Uuid::new_v4(),
         engine: "postgres",
+        kind: ephemera_engine::LeaseKind::Session,
         template: "billing_rw".into(),
         role: "eph_billing_rw_abcdefghijklmnopqr".into(),
         identity: "spiffe://example.org/ns/prod/sa/billing".into(),
@@ -97,6 +98,7 @@ fn lease_comment(c: &mut Criterion) {
         client_addr: None,
         issued_at: now,
         expires_at: now + time::Duration::minutes(15),
+        max_expires_at: now + time::Duration::hours(1),
     };
     c.bench_function("lease_comment_json", |b| {
         b.iter(|| black_box(lease.comment().to_json()))

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ephemera_engine::Password;
 use ephemera_engine_postgres::{
-    AdminConnection, Password, PostgresEngineConfig, RoleTemplate, SslMode, UpstreamTls,
+    AdminConnection, PostgresEngineConfig, RoleTemplate, SslMode, UpstreamTls,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -42,6 +43,27 @@ pub struct FileConfig {
     pub templates: BTreeMap<String, TemplateSection>,
     #[serde(default)]
     pub policy: Vec<PolicySection>,
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Where the admin API listens (HTTPS with client certificates).
+    pub listen: String,
+    /// SPIFFE ID patterns (as in `[[policy]]`) allowed to administer leases.
+    pub identities: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// JSON-lines audit log; unset: audit events go to the process log only.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,12 +107,18 @@ pub struct UpstreamSection {
 pub struct LeaseSection {
     #[serde(default = "defaults::login_window", with = "humantime_serde")]
     pub login_window: Duration,
+    #[serde(default = "defaults::reap_interval", with = "humantime_serde")]
+    pub reap_interval: Duration,
+    #[serde(default = "defaults::bind_to_svid")]
+    pub bind_to_svid: bool,
 }
 
 impl Default for LeaseSection {
     fn default() -> Self {
         LeaseSection {
             login_window: defaults::login_window(),
+            reap_interval: defaults::reap_interval(),
+            bind_to_svid: defaults::bind_to_svid(),
         }
     }
 }
@@ -109,6 +137,8 @@ pub struct TemplateSection {
     pub revocation_statements: Vec<String>,
     #[serde(default = "defaults::ttl", with = "humantime_serde")]
     pub ttl: Duration,
+    #[serde(default = "defaults::max_ttl", with = "humantime_serde")]
+    pub max_ttl: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +171,15 @@ mod defaults {
     }
     pub fn ttl() -> Duration {
         Duration::from_secs(15 * 60)
+    }
+    pub fn max_ttl() -> Duration {
+        Duration::from_secs(60 * 60)
+    }
+    pub fn reap_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn bind_to_svid() -> bool {
+        true
     }
 }
 
@@ -220,11 +259,39 @@ impl UpstreamSettings {
     }
 }
 
-/// What the front door needs to know about a template.
+/// What the proxy needs to know about a template (the engine has the rest).
 #[derive(Debug, Clone)]
 pub struct TemplateSettings {
     pub database: String,
     pub ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+/// Lease timing.
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    pub login_window: Duration,
+    pub reap_interval: Duration,
+    /// Cap session leases at the client certificate's expiry.
+    pub bind_to_svid: bool,
+}
+
+/// The admin API's listener and who may use it.
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub identities: Vec<IdPattern>,
+    /// Same server certificate as the proxy; client certificates required
+    /// and verified against the trust bundle during the handshake.
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+impl fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("listen", &self.listen)
+            .field("identities", &self.identities)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Everything the proxy runs with, validated.
@@ -235,6 +302,18 @@ pub struct Settings {
     pub svid_verifier: Arc<SvidVerifier>,
     pub upstream: UpstreamSettings,
     pub engine: PostgresEngineConfig,
+    /// Templates and policy: what SIGHUP reloads.
+    pub rules: Rules,
+    pub lease: LeaseSettings,
+    pub admin: Option<AdminSettings>,
+    pub audit_path: Option<PathBuf>,
+    /// The file this was loaded from, to reload it.
+    pub source: Option<PathBuf>,
+}
+
+/// The reloadable part of the configuration.
+#[derive(Debug, Clone)]
+pub struct Rules {
     pub templates: BTreeMap<String, TemplateSettings>,
     pub policy: Policy,
 }
@@ -244,7 +323,7 @@ impl fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("listen", &self.listen)
             .field("upstream", &self.upstream)
-            .field("templates", &self.templates)
+            .field("rules", &self.rules)
             .finish_non_exhaustive()
     }
 }
@@ -259,7 +338,9 @@ impl Settings {
         };
         let file = read_file_config(path).map_err(|p| fail(vec![p]))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Settings::from_file_config(file, base).map_err(fail)
+        let mut settings = Settings::from_file_config(file, base).map_err(fail)?;
+        settings.source = Some(path.to_owned());
+        Ok(settings)
     }
 
     /// Validate an already parsed configuration; relative paths are
@@ -310,8 +391,8 @@ impl Settings {
             "tls.trust_bundle",
             &mut problems,
         );
-        let svid_verifier = bundle.and_then(|bundle| {
-            match SvidVerifier::new(&bundle, trust_domains, provider.clone()) {
+        let svid_verifier = bundle.as_ref().and_then(|bundle| {
+            match SvidVerifier::new(bundle, trust_domains, provider.clone()) {
                 Ok(v) => Some(Arc::new(v)),
                 Err(e) => {
                     problems.add("tls.trust_bundle", format!("{e}; it must hold the PEM CA certificate(s) of your SPIFFE trust domain"));
@@ -321,8 +402,9 @@ impl Settings {
         });
         let cert_chain = load_certs(&base.join(&file.tls.cert), "tls.cert", &mut problems);
         let key = load_key(&base.join(&file.tls.key), "tls.key", &mut problems);
-        let server_tls = match (&svid_verifier, cert_chain, key) {
-            (Some(verifier), Some(chain), Some(key)) => {
+        let server_identity = cert_chain.zip(key);
+        let server_tls = match (&svid_verifier, clone_identity(&server_identity)) {
+            (Some(verifier), Some((chain, key))) => {
                 match rustls::ServerConfig::builder_with_provider(provider.clone())
                     .with_safe_default_protocol_versions()
                     .map(|b| {
@@ -405,6 +487,12 @@ impl Settings {
         if file.lease.login_window.is_zero() {
             problems.add("lease.login_window", "must be longer than 0s, e.g. \"60s\"");
         }
+        if file.lease.reap_interval.is_zero() {
+            problems.add(
+                "lease.reap_interval",
+                "must be longer than 0s, e.g. \"10s\"",
+            );
+        }
 
         // -- templates --
         let mut role_templates = Vec::new();
@@ -429,6 +517,15 @@ impl Settings {
             if t.ttl.is_zero() {
                 problems.add(format!("{key}.ttl"), "must be longer than 0s, e.g. \"15m\"");
             }
+            if t.max_ttl < t.ttl {
+                problems.add(
+                    format!("{key}.max_ttl"),
+                    format!(
+                        "must be at least ttl ({}), e.g. \"1h\"",
+                        humantime::format_duration(t.ttl)
+                    ),
+                );
+            }
             for (i, group) in t.member_of.iter().enumerate() {
                 if group.is_empty() || group.contains('\0') {
                     problems.add(format!("{key}.member_of[{i}]"), "must be a group role name");
@@ -447,6 +544,7 @@ impl Settings {
                 TemplateSettings {
                     database: t.database.clone(),
                     ttl: t.ttl,
+                    max_ttl: t.max_ttl,
                 },
             );
         }
@@ -474,6 +572,51 @@ impl Settings {
                 }
             }
         }
+
+        // -- admin API --
+        let admin = file.admin.as_ref().and_then(|admin| {
+            let listen = match admin.listen.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    problems.add(
+                        "admin.listen",
+                        format!(
+                            "{:?} is not an IP address and port, e.g. \"127.0.0.1:8443\"",
+                            admin.listen
+                        ),
+                    );
+                    None
+                }
+            };
+            if admin.identities.is_empty() {
+                problems.add(
+                    "admin.identities",
+                    "list the SPIFFE IDs (patterns) allowed to administer leases",
+                );
+            }
+            let mut identities = Vec::new();
+            for (i, pattern) in admin.identities.iter().enumerate() {
+                match IdPattern::parse(pattern) {
+                    Ok(p) => identities.push(p),
+                    Err(e) => problems.add(
+                        format!("admin.identities[{i}]"),
+                        format!("{pattern:?} is not a SPIFFE ID pattern: {e}"),
+                    ),
+                }
+            }
+            let tls = admin_tls(
+                bundle.as_deref()?,
+                clone_identity(&server_identity)?,
+                provider.clone(),
+            )
+            .map_err(|e| problems.add("admin", format!("cannot set up TLS for the admin API: {e}")))
+            .ok()?;
+            Some(AdminSettings {
+                listen: listen?,
+                identities,
+                tls,
+            })
+        });
 
         match (
             listen,
@@ -504,17 +647,63 @@ impl Settings {
                             password,
                             tls,
                             pool_size: up.pool_size,
+                            database: up.admin_database.clone(),
                         },
                         login_window: file.lease.login_window,
                         templates: role_templates,
                     },
-                    templates,
-                    policy: Policy::new(rules),
+                    rules: Rules {
+                        templates,
+                        policy: Policy::new(rules),
+                    },
+                    lease: LeaseSettings {
+                        login_window: file.lease.login_window,
+                        reap_interval: file.lease.reap_interval,
+                        bind_to_svid: file.lease.bind_to_svid,
+                    },
+                    admin,
+                    audit_path: file.audit.path.as_ref().map(|p| base.join(p)),
+                    source: None,
                 })
             }
             _ => Err(problems.0),
         }
     }
+}
+
+type ServerIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn clone_identity(identity: &Option<ServerIdentity>) -> Option<ServerIdentity> {
+    identity
+        .as_ref()
+        .map(|(chain, key)| (chain.clone(), key.clone_key()))
+}
+
+/// The admin API's TLS: client certificates are required and must chain to
+/// the trust bundle before any HTTP is spoken.
+fn admin_tls(
+    bundle: &[CertificateDer<'static>],
+    (chain, key): ServerIdentity,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in bundle {
+        roots.add(cert.clone()).map_err(|e| e.to_string())?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Parse the file (and environment overrides) into the schema.

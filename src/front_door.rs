@@ -17,8 +17,9 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+use crate::audit::AuditEvent;
 use crate::config::ALPN_POSTGRESQL;
-use crate::identity::{IdentityError, SpiffeId};
+use crate::identity::{IdentityError, VerifiedSvid};
 use crate::protocol::{read_first_packet, FirstPacket, ProtocolError, StartupRequest};
 use crate::refusal::Refusal;
 use crate::server::Proxy;
@@ -30,7 +31,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 pub struct Admitted {
     pub stream: TlsStream<TcpStream>,
     pub startup: StartupRequest,
-    pub identity: SpiffeId,
+    pub svid: VerifiedSvid,
 }
 
 /// Run the front door for one connection. `None` means the connection has
@@ -98,13 +99,14 @@ pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Optio
         Some(chain) => proxy.svid_verifier.verify(chain, UnixTime::now()),
     };
     match verified {
-        Ok(identity) => Some(Admitted {
+        Ok(svid) => Some(Admitted {
             stream: tls,
             startup,
-            identity,
+            svid,
         }),
         Err(e) => {
-            refuse(tls, Refusal::Identity(e), peer).await;
+            let template = startup.parameters.get("user").cloned();
+            refuse_and_audit(proxy, tls, Refusal::Identity(e), peer, None, template).await;
             None
         }
     }
@@ -131,14 +133,40 @@ pub async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, refusal: Refusal, peer
     let _ = stream.shutdown().await;
 }
 
+/// Refuse, and record the denial in the audit log and metrics.
+pub async fn refuse_and_audit<S: AsyncWrite + Unpin>(
+    proxy: &Proxy,
+    stream: S,
+    refusal: Refusal,
+    peer: SocketAddr,
+    identity: Option<String>,
+    template: Option<String>,
+) {
+    metrics::counter!(crate::telemetry::DENIALS, "reason" => refusal.label()).increment(1);
+    proxy.leases.audit().record(AuditEvent::denied(
+        identity,
+        template,
+        peer,
+        refusal.to_string(),
+    ));
+    refuse(stream, refusal, peer).await;
+}
+
 /// Shared by the accept loop: run the front door under the handshake timeout.
 pub async fn admit_within_timeout(
     proxy: &Arc<Proxy>,
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<Admitted> {
+    let started = std::time::Instant::now();
     match tokio::time::timeout(proxy.handshake_timeout, admit(proxy, tcp, peer)).await {
-        Ok(admitted) => admitted,
+        Ok(admitted) => {
+            if admitted.is_some() {
+                metrics::histogram!(crate::telemetry::HANDSHAKE_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+            }
+            admitted
+        }
         Err(_) => {
             tracing::info!(client_addr = %peer, timeout = ?proxy.handshake_timeout, "handshake timed out; connection closed");
             None

@@ -168,6 +168,13 @@ pub enum IdentityError {
     UntrustedDomain(String),
 }
 
+/// A verified X.509-SVID: who, and until when the certificate is valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedSvid {
+    pub id: SpiffeId,
+    pub not_after: time::OffsetDateTime,
+}
+
 /// Checks X.509-SVIDs against the trust bundle and the accepted trust domains.
 pub struct SvidVerifier {
     anchors: Vec<TrustAnchor<'static>>,
@@ -239,7 +246,7 @@ impl SvidVerifier {
         &self,
         chain: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> Result<SpiffeId, IdentityError> {
+    ) -> Result<VerifiedSvid, IdentityError> {
         let (leaf_der, intermediates) = chain.split_first().ok_or(IdentityError::NoCertificate)?;
         let leaf = webpki::EndEntityCert::try_from(leaf_der).map_err(chain_error)?;
         leaf.verify_for_usage(
@@ -259,7 +266,10 @@ impl SvidVerifier {
         if !self.trust_domains.contains(id.trust_domain()) {
             return Err(IdentityError::UntrustedDomain(id.trust_domain().to_owned()));
         }
-        Ok(id)
+        Ok(VerifiedSvid {
+            id,
+            not_after: cert.validity().not_after.to_datetime(),
+        })
     }
 }
 

@@ -19,6 +19,8 @@
 //!
 //! [`server`] ties them together; [`config`] is the file DBAs write.
 
+pub mod admin;
+pub mod audit;
 pub mod cancel;
 pub mod config;
 pub mod front_door;
@@ -30,6 +32,7 @@ pub mod refusal;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod telemetry;
 pub mod upstream;
 
 pub use config::Settings;

@@ -84,6 +84,24 @@ impl Refusal {
         }
     }
 
+    /// A short, stable name for metrics labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::TlsRequired => "tls_required",
+            Refusal::GssEncryption => "gssenc",
+            Refusal::DirectTlsWithoutAlpn => "no_alpn",
+            Refusal::Identity(_) => "identity",
+            Refusal::Protocol(_) => "protocol",
+            Refusal::NoTemplate { .. } => "no_template",
+            Refusal::UnknownTemplate { .. } => "unknown_template",
+            Refusal::Denied { .. } => "policy",
+            Refusal::WrongDatabase { .. } => "wrong_database",
+            Refusal::Replication => "replication",
+            Refusal::Mint { .. } => "mint_failed",
+            Refusal::Upstream(_) => "upstream",
+        }
+    }
+
     pub fn hint(&self) -> Option<String> {
         match self {
             Refusal::TlsRequired

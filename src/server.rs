@@ -1,10 +1,11 @@
 //! The server: the listening socket, the shared state every connection
 //! uses ([`Proxy`]), the accept loop, and an orderly shutdown.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use ephemera_engine::Engine;
@@ -13,11 +14,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{AdminServer, AdminState};
+use crate::audit::AuditLog;
 use crate::cancel::CancelMap;
-use crate::config::{Settings, TemplateSettings, UpstreamSettings};
+use crate::config::{ConfigErrors, Rules, Settings, UpstreamSettings};
 use crate::identity::SvidVerifier;
-use crate::leases::LeaseManager;
-use crate::policy::Policy;
+use crate::leases::{LeaseManager, SharedRules};
 use crate::protocol::CancelKey;
 use crate::{front_door, session, upstream};
 
@@ -29,14 +31,19 @@ pub struct Proxy {
     pub handshake_timeout: Duration,
     pub tls_acceptor: TlsAcceptor,
     pub svid_verifier: Arc<SvidVerifier>,
-    pub policy: Policy,
-    pub templates: BTreeMap<String, TemplateSettings>,
+    /// Templates and policy; replaced on reload.
+    pub rules: SharedRules,
     pub upstream: UpstreamSettings,
     pub leases: Arc<LeaseManager>,
     pub cancels: Arc<CancelMap>,
 }
 
 impl Proxy {
+    /// The templates and policy in force now.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Forward a client's cancel request, if its key is one we issued.
     pub async fn cancel(&self, key: CancelKey, peer: SocketAddr) {
         let Some(upstream_key) = self.cancels.lookup(key) else {
@@ -63,11 +70,49 @@ pub enum ServeError {
     },
     #[error("cannot set up the engine: {0}")]
     Engine(#[from] ephemera_engine::EngineError),
+    #[error("cannot open the audit log {path}: {source}")]
+    Audit {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub struct Server {
     listener: TcpListener,
     proxy: Arc<Proxy>,
+    admin: Option<AdminServer>,
+    reaper_interval: Duration,
+    reloader: Reloader,
+}
+
+/// Reloads templates and policy from the configuration file (SIGHUP).
+/// Listeners, TLS and the upstream are not reloaded: restart for those.
+#[derive(Clone)]
+pub struct Reloader {
+    source: Option<PathBuf>,
+    rules: SharedRules,
+    engine: Arc<PostgresEngine>,
+}
+
+impl Reloader {
+    pub fn reload(&self) -> Result<(), ConfigErrors> {
+        let Some(path) = &self.source else {
+            return Ok(());
+        };
+        let settings = Settings::load(path)?;
+        self.engine
+            .set_templates(settings.engine.templates)
+            .map_err(|e| ConfigErrors {
+                path: path.clone(),
+                problems: vec![crate::config::ConfigProblem {
+                    key: "templates".into(),
+                    message: e.to_string(),
+                }],
+            })?;
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings.rules);
+        tracing::info!(path = %path.display(), "templates and policy reloaded");
+        Ok(())
+    }
 }
 
 impl Server {
@@ -81,20 +126,65 @@ impl Server {
                     address: settings.listen,
                     source,
                 })?;
-        let engine: Arc<dyn Engine> = Arc::new(PostgresEngine::new(settings.engine)?);
-        let proxy = Proxy {
+        let admin_listener =
+            match &settings.admin {
+                Some(admin) => Some(TcpListener::bind(admin.listen).await.map_err(|source| {
+                    ServeError::Bind {
+                        address: admin.listen,
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        let audit = match &settings.audit_path {
+            Some(path) => AuditLog::open(path).map_err(|source| ServeError::Audit {
+                path: path.clone(),
+                source,
+            })?,
+            None => AuditLog::log_only(),
+        };
+        let postgres = Arc::new(PostgresEngine::new(settings.engine)?);
+        let engine: Arc<dyn Engine> = postgres.clone();
+        let rules: SharedRules = Arc::new(RwLock::new(Arc::new(settings.rules)));
+        let leases = LeaseManager::new(
+            engine,
+            rules.clone(),
+            Arc::new(audit),
+            settings.lease.bind_to_svid,
+        );
+        let metrics = crate::telemetry::prometheus();
+        let proxy = Arc::new(Proxy {
             handshake_timeout: settings.handshake_timeout,
             tls_acceptor: TlsAcceptor::from(settings.server_tls),
-            svid_verifier: settings.svid_verifier,
-            policy: settings.policy,
-            templates: settings.templates,
-            upstream: settings.upstream,
-            leases: LeaseManager::new(engine),
+            svid_verifier: settings.svid_verifier.clone(),
+            rules: rules.clone(),
+            upstream: settings.upstream.clone(),
+            leases: leases.clone(),
             cancels: CancelMap::new(),
+        });
+        let admin = match (settings.admin, admin_listener) {
+            (Some(admin), Some(listener)) => Some(AdminServer::new(
+                listener,
+                admin,
+                AdminState {
+                    leases,
+                    svid_verifier: settings.svid_verifier,
+                    upstream: settings.upstream,
+                    metrics,
+                },
+            )),
+            _ => None,
         };
         Ok(Server {
             listener,
-            proxy: Arc::new(proxy),
+            proxy,
+            admin,
+            reaper_interval: settings.lease.reap_interval,
+            reloader: Reloader {
+                source: settings.source,
+                rules,
+                engine: postgres,
+            },
         })
     }
 
@@ -108,17 +198,45 @@ impl Server {
         self.proxy.clone()
     }
 
+    /// The admin API's address, if it is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// Accept connections until `shutdown` completes; then stop accepting,
     /// revoke every lease (which terminates the sessions' backends) and
     /// wait for the revocations.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Server { listener, proxy } = self;
+        let Server {
+            listener,
+            proxy,
+            admin,
+            reaper_interval,
+            reloader,
+        } = self;
         let connections = TaskTracker::new();
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(proxy.leases.clone().run_clock());
+        background.spawn(proxy.leases.clone().run_reaper(reaper_interval));
+        if let Some(admin) = admin {
+            background.spawn(admin.serve());
+        }
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("installing a SIGHUP handler cannot fail on Unix");
         tokio::pin!(shutdown);
         tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "ephemera is listening");
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = hangup.recv() => {
+                    if let Err(errors) = reloader.reload() {
+                        tracing::error!("configuration not reloaded; still using the old one:\n{errors}");
+                    }
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         connections.spawn(handle_connection(proxy.clone(), tcp, peer));
@@ -132,6 +250,9 @@ impl Server {
             }
         }
         drop(listener);
+        // The clock, the reaper and the admin API stop here, so nothing
+        // renews or issues while leases are revoked.
+        background.abort_all();
         tracing::info!(
             active_leases = proxy.leases.active_count(),
             "shutting down: revoking every lease"

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use crate::front_door::{refuse, Admitted};
+use crate::config::{Rules, TemplateSettings};
+use crate::front_door::{refuse, refuse_and_audit, Admitted};
 use crate::leases::{EndReason, SessionLease};
 use crate::policy::Decision;
 use crate::protocol::{authentication_ok, backend_key_data, negotiate_protocol_version};
@@ -25,7 +26,7 @@ const OWNED_PARAMETERS: [&str; 3] = ["user", "database", "replication"];
 struct Request {
     template: String,
     database: String,
-    ttl: std::time::Duration,
+    settings: TemplateSettings,
     /// Parameters to pass to the upstream (application_name, options, …).
     forwarded: Vec<(String, String)>,
     /// `_pq_.` protocol options we do not support, to report to the client.
@@ -37,17 +38,28 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
     let Admitted {
         mut stream,
         startup,
-        identity,
+        svid,
     } = admitted;
+    let identity = svid.id;
 
-    let request = match decide(&proxy, &identity, startup) {
+    let requested_template = startup.parameters.get("user").cloned();
+    let request = match decide(&proxy.rules(), &identity, startup) {
         Ok(request) => request,
-        Err(refusal) => return refuse(stream, refusal, peer).await,
+        Err(refusal) => {
+            let who = Some(identity.to_string());
+            return refuse_and_audit(&proxy, stream, refusal, peer, who, requested_template).await;
+        }
     };
 
     let mut lease = match proxy
         .leases
-        .issue(&identity, &request.template, request.ttl, peer)
+        .issue_session(
+            &identity,
+            &request.template,
+            &request.settings,
+            peer,
+            Some(svid.not_after),
+        )
         .await
     {
         Ok(lease) => lease,
@@ -87,6 +99,8 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
     }
 
     log_session(&lease, peer, "session started");
+    proxy.leases.logged_in(lease.lease());
+    let _active = ActiveSession::start();
     let result = crate::relay::relay(&mut stream, &mut session.stream).await;
     match result {
         Ok(relayed) => tracing::info!(
@@ -103,6 +117,22 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
     drop(lease);
 }
 
+/// Counts a relayed session in `ephemera_sessions_active` while it lives.
+struct ActiveSession;
+
+impl ActiveSession {
+    fn start() -> Self {
+        metrics::gauge!(crate::telemetry::SESSIONS_ACTIVE).increment(1.0);
+        ActiveSession
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::telemetry::SESSIONS_ACTIVE).decrement(1.0);
+    }
+}
+
 fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {
     let lease = lease.lease();
     tracing::info!(
@@ -113,7 +143,7 @@ fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {
 
 /// Apply the policy to what the startup packet asks for.
 fn decide(
-    proxy: &Proxy,
+    rules: &Rules,
     identity: &crate::identity::SpiffeId,
     startup: crate::protocol::StartupRequest,
 ) -> Result<Request, Refusal> {
@@ -127,17 +157,17 @@ fn decide(
     if template.is_empty() {
         return Err(Refusal::NoTemplate {
             identity: identity.clone(),
-            allowed: proxy.policy.templates_for(identity),
+            allowed: rules.policy.templates_for(identity),
         });
     }
-    let Some(settings) = proxy.templates.get(&template) else {
+    let Some(settings) = rules.templates.get(&template) else {
         return Err(Refusal::UnknownTemplate {
             identity: identity.clone(),
             template,
-            allowed: proxy.policy.templates_for(identity),
+            allowed: rules.policy.templates_for(identity),
         });
     };
-    if let Decision::Denied { allowed } = proxy.policy.decide(identity, &template) {
+    if let Decision::Denied { allowed } = rules.policy.decide(identity, &template) {
         return Err(Refusal::Denied {
             identity: identity.clone(),
             template,
@@ -161,7 +191,7 @@ fn decide(
     Ok(Request {
         template,
         database,
-        ttl: settings.ttl,
+        settings: settings.clone(),
         forwarded,
         unsupported_options: unsupported_options.into_iter().map(|(k, _)| k).collect(),
         minor_version: startup.minor_version,

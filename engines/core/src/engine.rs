@@ -2,30 +2,37 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use time::OffsetDateTime;
 
-use crate::{Lease, LeaseId, ScramSecret};
+use crate::{Lease, LeaseId, LeaseKind, Password, ScramSecret};
 
 /// What the proxy asks an engine for: a credential for `identity`, shaped by
 /// the role template named `template`.
 #[derive(Debug, Clone)]
 pub struct IssueRequest {
     pub lease_id: LeaseId,
+    pub kind: LeaseKind,
     /// The verified SPIFFE ID of the workload.
     pub identity: String,
     /// The template name, as configured (`[templates.<name>]`).
     pub template: String,
     /// Where the workload connected from, for the audit trail.
     pub client_addr: Option<SocketAddr>,
-    /// How long the credential is meant to live (the lease's TTL).
+    /// How long the credential lives before it must be renewed.
     pub ttl: Duration,
+    /// The latest it may ever live to (issue time + max TTL, or earlier,
+    /// e.g. capped at the client certificate's expiry).
+    pub max_expires_at: OffsetDateTime,
 }
 
-/// A freshly minted credential. The secret redacts itself in `Debug`.
+/// A freshly minted credential. Secrets redact themselves in `Debug`.
 #[derive(Debug)]
 pub struct IssuedCredential {
     pub lease: Lease,
-    /// The SCRAM keys the role logs in with; the password is never materialised.
+    /// The SCRAM keys the role logs in with.
     pub secret: ScramSecret,
+    /// For standalone leases only: the password handed to the client.
+    pub password: Option<Password>,
 }
 
 /// What a successful revoke found.
@@ -56,9 +63,11 @@ pub enum EngineError {
     },
     #[error("invalid template {template:?}: {reason}")]
     InvalidTemplate { template: String, reason: String },
+    #[error("the credential {0:?} no longer exists")]
+    Gone(String),
 }
 
-/// A backend that can mint and revoke credentials.
+/// A backend that can mint, renew, list and revoke credentials.
 ///
 /// `issue` must be atomic: either the credential exists with its lease
 /// recorded alongside it, or nothing was created. `revoke` must be idempotent:
@@ -72,5 +81,16 @@ pub trait Engine: Send + Sync + 'static {
 
     async fn issue(&self, request: IssueRequest) -> Result<IssuedCredential, EngineError>;
 
+    /// Record the lease's new `expires_at` with the credential (and, for
+    /// standalone leases, extend the password's validity to it).
+    async fn renew(&self, lease: &Lease) -> Result<(), EngineError>;
+
     async fn revoke(&self, lease: &Lease) -> Result<RevokeOutcome, EngineError>;
+
+    /// Every lease the backend itself records (the ledger), whoever issued it.
+    async fn list(&self) -> Result<Vec<Lease>, EngineError>;
+
+    /// Try to become (or stay) the one reaper among replicas sharing this
+    /// backend. `Ok(false)`: another replica reaps.
+    async fn lead_reaper(&self) -> Result<bool, EngineError>;
 }

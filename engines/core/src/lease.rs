@@ -6,12 +6,33 @@ use time::OffsetDateTime;
 /// A lease's identifier (a random UUID).
 pub type LeaseId = uuid::Uuid;
 
+/// How a lease is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseKind {
+    /// Created for one proxied session; renewed while it lives, ended with it.
+    Session,
+    /// Issued through the admin API to a client that logs in directly with a
+    /// password (batch jobs, BI tools); ends at expiry or revocation.
+    Standalone,
+}
+
+/// Where a lease is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    Active,
+    Revoked,
+    Expired,
+}
+
 /// One credential's life: who holds it, what it is, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub id: LeaseId,
     /// The engine that minted it (`"postgres"`).
     pub engine: &'static str,
+    pub kind: LeaseKind,
     pub template: String,
     /// The database role (or other principal) the credential logs in as.
     pub role: String,
@@ -20,7 +41,9 @@ pub struct Lease {
     pub database: String,
     pub client_addr: Option<SocketAddr>,
     pub issued_at: OffsetDateTime,
+    /// Renewal moves this forward, never past `max_expires_at`.
     pub expires_at: OffsetDateTime,
+    pub max_expires_at: OffsetDateTime,
 }
 
 impl Lease {
@@ -31,11 +54,31 @@ impl Lease {
         LeaseComment {
             ephemera_lease: 1,
             lease_id: self.id,
+            kind: self.kind,
             identity: self.identity.clone(),
             template: self.template.clone(),
             database: self.database.clone(),
+            client_addr: self.client_addr,
             issued_at: self.issued_at,
             expires_at: self.expires_at,
+            max_expires_at: self.max_expires_at,
+        }
+    }
+
+    /// Rebuild a lease from the comment on `role` (the ledger's record).
+    pub fn from_comment(engine: &'static str, role: String, comment: LeaseComment) -> Lease {
+        Lease {
+            id: comment.lease_id,
+            engine,
+            kind: comment.kind,
+            template: comment.template,
+            role,
+            identity: comment.identity,
+            database: comment.database,
+            client_addr: comment.client_addr,
+            issued_at: comment.issued_at,
+            expires_at: comment.expires_at,
+            max_expires_at: comment.max_expires_at,
         }
     }
 }
@@ -46,13 +89,18 @@ impl Lease {
 pub struct LeaseComment {
     pub ephemera_lease: u32,
     pub lease_id: LeaseId,
+    pub kind: LeaseKind,
     pub identity: String,
     pub template: String,
     pub database: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_addr: Option<SocketAddr>,
     #[serde(with = "time::serde::rfc3339")]
     pub issued_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub max_expires_at: OffsetDateTime,
 }
 
 impl LeaseComment {
@@ -75,6 +123,7 @@ mod tests {
         let lease = Lease {
             id: uuid::Uuid::new_v4(),
             engine: "postgres",
+            kind: LeaseKind::Session,
             template: "billing_rw".into(),
             role: "eph_billing_rw_abc".into(),
             identity: "spiffe://example.org/ns/prod/sa/billing".into(),
@@ -82,6 +131,7 @@ mod tests {
             client_addr: None,
             issued_at,
             expires_at: issued_at + time::Duration::minutes(15),
+            max_expires_at: issued_at + time::Duration::hours(1),
         };
         let json = lease.comment().to_json();
         assert!(
@@ -89,5 +139,7 @@ mod tests {
             "{json}"
         );
         assert_eq!(LeaseComment::from_json(&json).unwrap(), lease.comment());
+        let back = Lease::from_comment("postgres", lease.role.clone(), lease.comment());
+        assert_eq!(back, lease);
     }
 }

@@ -12,8 +12,10 @@
 
 mod engine;
 mod lease;
+mod password;
 pub mod scram;
 
 pub use engine::{Engine, EngineError, IssueRequest, IssuedCredential, RevokeOutcome};
-pub use lease::{Lease, LeaseComment, LeaseId};
+pub use lease::{Lease, LeaseComment, LeaseId, LeaseKind, LeaseState};
+pub use password::Password;
 pub use scram::ScramSecret;

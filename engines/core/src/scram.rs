@@ -53,6 +53,35 @@ impl ScramSecret {
         }
     }
 
+    /// The iteration count for passwords handed to clients (standalone
+    /// leases). The password is random, so this is not about guessing either,
+    /// but some client libraries refuse counts below RFC 7677's 4096.
+    pub const CLIENT_PASSWORD_ITERATIONS: u32 = 4096;
+
+    /// Keys for a password a client will log in with: the salted password is
+    /// `Hi(password, salt, iterations)` (PBKDF2-HMAC-SHA-256, RFC 5802). The
+    /// password must be plain ASCII (see [`crate::Password::generate`]), for
+    /// which SASLprep is the identity.
+    pub fn from_password(password: &str, iterations: u32) -> Self {
+        let mut salt = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        let mut block = salt.to_vec();
+        block.extend_from_slice(&1u32.to_be_bytes());
+        let mut u = hmac(password.as_bytes(), &block);
+        let mut salted_password = u;
+        for _ in 1..iterations {
+            u = hmac(password.as_bytes(), &u);
+            for (acc, x) in salted_password.iter_mut().zip(u.iter()) {
+                *acc ^= x;
+            }
+        }
+        ScramSecret {
+            iterations,
+            salt,
+            salted_password,
+        }
+    }
+
     /// The verifier to store in the database (`CREATE ROLE … PASSWORD '<this>'`).
     /// It lets the server check a login but does not let anyone log in.
     pub fn verifier(&self) -> String {
@@ -326,6 +355,9 @@ mod tests {
             Err(ScramError::NonceMismatch)
         );
     }
+
+    // `from_password` is checked end to end in tests/leases.rs: libpq and
+    // tokio-postgres, with their own PBKDF2, log in with the password.
 
     #[test]
     fn verifier_has_postgres_format_and_debug_is_redacted() {

@@ -17,12 +17,14 @@ pub mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use ephemera_engine::{
-    Engine, EngineError, IssueRequest, IssuedCredential, Lease, RevokeOutcome, ScramSecret,
+    Engine, EngineError, IssueRequest, IssuedCredential, Lease, LeaseComment, LeaseKind, Password,
+    RevokeOutcome, ScramSecret,
 };
 use rand::Rng;
 use time::OffsetDateTime;
@@ -32,26 +34,6 @@ use crate::sql::{quote_ident, quote_literal, Quoted};
 pub use crate::template::RoleTemplate;
 use crate::template::{render_statement, RANDOM_SUFFIX_LEN, ROLE_PREFIX};
 pub use crate::tls::{SslMode, UpstreamTls};
-
-/// A password that prints as `<redacted>`.
-#[derive(Clone)]
-pub struct Password(String);
-
-impl Password {
-    pub fn new(password: String) -> Self {
-        Password(password)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
 
 /// Where the upstream is and how the engine logs in to administer roles.
 #[derive(Debug, Clone)]
@@ -63,6 +45,8 @@ pub struct AdminConnection {
     pub tls: UpstreamTls,
     /// Connections per database pool.
     pub pool_size: usize,
+    /// The database for housekeeping: listing the ledger, the reaper lock.
+    pub database: String,
 }
 
 #[derive(Debug, Clone)]
@@ -74,51 +58,77 @@ pub struct PostgresEngineConfig {
 }
 
 pub struct PostgresEngine {
-    templates: HashMap<String, RoleTemplate>,
-    /// One admin pool per database that templates use: a role's statements
+    admin: AdminConnection,
+    /// Reloadable (SIGHUP): the proxy swaps in new templates.
+    templates: RwLock<HashMap<String, RoleTemplate>>,
+    /// One admin pool per database, made on first use: a role's statements
     /// (grants, `DROP OWNED`) only reach objects of the database they run in.
-    pools: HashMap<String, Pool>,
+    pools: Mutex<HashMap<String, Pool>>,
     login_window: Duration,
+    /// The connection holding the reaper's advisory lock, while we hold it.
+    reaper_lock: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
+
+/// The advisory lock key that elects the reaper among replicas
+/// (the bytes of "ephemera" as a big-endian i64).
+pub const REAPER_LOCK_KEY: i64 = i64::from_be_bytes(*b"ephemera");
 
 impl fmt::Debug for PostgresEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresEngine")
-            .field("templates", &self.templates.keys().collect::<Vec<_>>())
-            .field("databases", &self.pools.keys().collect::<Vec<_>>())
-            .finish()
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
     }
 }
 
 impl PostgresEngine {
     /// Set up the engine. Pools connect lazily: nothing is dialled here.
     pub fn new(config: PostgresEngineConfig) -> Result<Self, EngineError> {
-        let mut pools = HashMap::new();
-        let mut templates = HashMap::new();
-        for template in config.templates {
+        let engine = PostgresEngine {
+            admin: config.admin,
+            templates: RwLock::new(HashMap::new()),
+            pools: Mutex::new(HashMap::new()),
+            login_window: config.login_window,
+            reaper_lock: tokio::sync::Mutex::new(None),
+        };
+        engine.set_templates(config.templates)?;
+        Ok(engine)
+    }
+
+    /// Replace the templates (configuration reload). Leases of templates that
+    /// disappear are still revoked correctly: revocation falls back to
+    /// dropping the role with `DROP OWNED`.
+    pub fn set_templates(&self, templates: Vec<RoleTemplate>) -> Result<(), EngineError> {
+        let mut map = HashMap::new();
+        for template in templates {
             template::check_template_name(&template.name).map_err(|reason| {
                 EngineError::InvalidTemplate {
                     template: template.name.clone(),
                     reason,
                 }
             })?;
-            if !pools.contains_key(&template.database) {
-                pools.insert(
-                    template.database.clone(),
-                    admin_pool(&config.admin, &template.database)?,
-                );
-            }
-            templates.insert(template.name.clone(), template);
+            map.insert(template.name.clone(), template);
         }
-        Ok(PostgresEngine {
-            templates,
-            pools,
-            login_window: config.login_window,
-        })
+        *self.templates.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
     }
 
-    pub fn template(&self, name: &str) -> Option<&RoleTemplate> {
-        self.templates.get(name)
+    pub fn template(&self, name: &str) -> Option<RoleTemplate> {
+        self.templates
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn pool(&self, database: &str) -> Result<Pool, EngineError> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = pools.get(database) {
+            return Ok(pool.clone());
+        }
+        let pool = admin_pool(&self.admin, database)?;
+        pools.insert(database.to_owned(), pool.clone());
+        Ok(pool)
     }
 
     async fn client(
@@ -126,21 +136,17 @@ impl PostgresEngine {
         database: &str,
         action: &'static str,
     ) -> Result<deadpool_postgres::Object, EngineError> {
-        let pool = self
-            .pools
-            .get(database)
-            .ok_or_else(|| EngineError::Unavailable {
+        self.pool(database)?
+            .get()
+            .await
+            .map_err(|e| EngineError::Unavailable {
                 action,
-                source: format!("no template uses database {database:?}").into(),
-            })?;
-        pool.get().await.map_err(|e| EngineError::Unavailable {
-            action,
-            source: Box::new(e),
-        })
+                source: Box::new(e),
+            })
     }
 }
 
-fn admin_pool(admin: &AdminConnection, database: &str) -> Result<Pool, EngineError> {
+fn admin_config(admin: &AdminConnection, database: &str) -> tokio_postgres::Config {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&admin.host)
         .port(admin.port)
@@ -150,12 +156,19 @@ fn admin_pool(admin: &AdminConnection, database: &str) -> Result<Pool, EngineErr
         .application_name("ephemera")
         .ssl_mode(admin.tls.tokio_postgres_mode())
         .connect_timeout(Duration::from_secs(10));
+    pg
+}
+
+fn admin_pool(admin: &AdminConnection, database: &str) -> Result<Pool, EngineError> {
     let tls = MakeRustlsConnect::new((*admin.tls.client_config()).clone());
     let manager = Manager::from_config(
-        pg,
+        admin_config(admin, database),
         tls,
         ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+            // Verified recycling: a pooled connection that the server killed
+            // (admin password rotated, pg_terminate_backend, restart) is
+            // noticed and replaced instead of failing the next session.
+            recycling_method: RecyclingMethod::Verified,
         },
     );
     Pool::builder(manager)
@@ -216,9 +229,15 @@ fn create_role_sql(
     // Losing this commit in a crash loses only a role nobody has logged in
     // as yet; waiting for the WAL flush would cost every session.
     sql.push_str("SELECT set_config('synchronous_commit', 'off', true);\n");
+    // A session role is for Ephemera's one login; a standalone lease's
+    // holder may open several connections (a batch job's workers).
+    let connection_limit = match lease.kind {
+        LeaseKind::Session => 1,
+        LeaseKind::Standalone => -1,
+    };
     sql.push_str(&format!(
         "CREATE ROLE {role} WITH LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
-         CONNECTION LIMIT 1 VALID UNTIL {} PASSWORD {}",
+         CONNECTION LIMIT {connection_limit} VALID UNTIL {} PASSWORD {}",
         quote_literal(&rfc3339(valid_until))?,
         quote_literal(&secret.verifier())?,
     ));
@@ -279,40 +298,131 @@ impl Engine for PostgresEngine {
 
     async fn issue(&self, request: IssueRequest) -> Result<IssuedCredential, EngineError> {
         let template = self
-            .templates
-            .get(&request.template)
+            .template(&request.template)
             .ok_or_else(|| EngineError::UnknownTemplate(request.template.clone()))?;
         let role_name = role_name(&template.name);
         let role = quote_ident(&role_name).map_err(unquotable)?;
-        let secret = ScramSecret::generate();
         let issued_at = OffsetDateTime::now_utc()
             .replace_nanosecond(0)
             .expect("0 ns is valid");
+        let expires_at = (issued_at + request.ttl).min(request.max_expires_at);
+        let (secret, password, valid_until) = match request.kind {
+            // Ephemera logs in itself, once, right away.
+            LeaseKind::Session => (ScramSecret::generate(), None, issued_at + self.login_window),
+            // The client logs in with a password for as long as the lease lives.
+            LeaseKind::Standalone => {
+                let password = Password::generate();
+                let secret = ScramSecret::from_password(
+                    password.expose(),
+                    ScramSecret::CLIENT_PASSWORD_ITERATIONS,
+                );
+                (secret, Some(password), expires_at)
+            }
+        };
         let lease = Lease {
             id: request.lease_id,
             engine: self.name(),
+            kind: request.kind,
             template: template.name.clone(),
             role: role_name,
             identity: request.identity,
             database: template.database.clone(),
             client_addr: request.client_addr,
             issued_at,
-            expires_at: issued_at + request.ttl,
+            expires_at,
+            max_expires_at: request.max_expires_at,
         };
-        let sql = create_role_sql(
-            template,
-            &role,
-            &secret,
-            &lease,
-            issued_at + self.login_window,
-        )
-        .map_err(unquotable)?;
+        let sql =
+            create_role_sql(&template, &role, &secret, &lease, valid_until).map_err(unquotable)?;
         let client = self.client(&template.database, "create a role").await?;
         client
             .batch_execute(&sql)
             .await
             .map_err(|e| db_error("create a role", e))?;
-        Ok(IssuedCredential { lease, secret })
+        Ok(IssuedCredential {
+            lease,
+            secret,
+            password,
+        })
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<(), EngineError> {
+        let action = "renew a role's lease";
+        let role = quote_ident(&lease.role).map_err(unquotable)?;
+        let mut sql = format!(
+            "COMMENT ON ROLE {role} IS {};\n",
+            quote_literal(&lease.comment().to_json()).map_err(unquotable)?
+        );
+        if lease.kind == LeaseKind::Standalone {
+            sql.push_str(&format!(
+                "ALTER ROLE {role} VALID UNTIL {};\n",
+                quote_literal(&rfc3339(lease.expires_at)).map_err(unquotable)?
+            ));
+        }
+        let client = self.client(&lease.database, action).await?;
+        match client.batch_execute(&sql).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code().map(|c| c.code()) == Some(UNDEFINED_OBJECT) => {
+                Err(EngineError::Gone(lease.role.clone()))
+            }
+            Err(e) => Err(db_error(action, e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Lease>, EngineError> {
+        let action = "list the roles in the ledger";
+        let client = self.client(&self.admin.database, action).await?;
+        let rows = client
+            .query(
+                "SELECT rolname::text, pg_catalog.shobj_description(oid, 'pg_authid')
+                 FROM pg_catalog.pg_roles WHERE rolname LIKE $1 ORDER BY rolname",
+                &[&format!("{}%", ROLE_PREFIX.replace('_', "\\_"))],
+            )
+            .await
+            .map_err(|e| db_error(action, e))?;
+        let mut leases = Vec::with_capacity(rows.len());
+        for row in rows {
+            let role: String = row.get(0);
+            let comment: Option<String> = row.get(1);
+            match comment.as_deref().map(LeaseComment::from_json) {
+                Some(Ok(comment)) => leases.push(Lease::from_comment(self.name(), role, comment)),
+                _ => tracing::warn!(
+                    role,
+                    "a role with Ephemera's reserved prefix has no lease comment; left alone"
+                ),
+            }
+        }
+        Ok(leases)
+    }
+
+    async fn lead_reaper(&self) -> Result<bool, EngineError> {
+        let action = "take the reaper lock";
+        let mut held = self.reaper_lock.lock().await;
+        if let Some(client) = held.as_ref() {
+            // Still ours while the session holding it lives.
+            if !client.is_closed() && client.simple_query("").await.is_ok() {
+                return Ok(true);
+            }
+            *held = None;
+        }
+        let tls = MakeRustlsConnect::new((*self.admin.tls.client_config()).clone());
+        let (client, connection) = admin_config(&self.admin, &self.admin.database)
+            .connect(tls)
+            .await
+            .map_err(|e| db_error(action, e))?;
+        tokio::spawn(connection);
+        let locked: bool = client
+            .query_one(
+                "SELECT pg_catalog.pg_try_advisory_lock($1)",
+                &[&REAPER_LOCK_KEY],
+            )
+            .await
+            .map_err(|e| db_error(action, e))?
+            .get(0);
+        if locked {
+            *held = Some(client);
+        }
+        Ok(locked)
     }
 
     async fn revoke(&self, lease: &Lease) -> Result<RevokeOutcome, EngineError> {
@@ -338,8 +448,12 @@ impl Engine for PostgresEngine {
             quote_literal(&lease.role).map_err(unquotable)?
         );
         sql.push_str(
-            &drop_role_sql(self.templates.get(&lease.template), &role, &lease.database)
-                .map_err(unquotable)?,
+            &drop_role_sql(
+                self.template(&lease.template).as_ref(),
+                &role,
+                &lease.database,
+            )
+            .map_err(unquotable)?,
         );
         match client.batch_execute(&sql).await {
             Ok(()) => Ok(RevokeOutcome::Revoked),
@@ -394,6 +508,7 @@ mod tests {
         let lease = Lease {
             id: uuid_for_test(),
             engine: "postgres",
+            kind: LeaseKind::Session,
             template: "billing_rw".into(),
             role: "eph_billing_rw_x".into(),
             identity: "spiffe://example.org/it's".into(),
@@ -401,6 +516,7 @@ mod tests {
             client_addr: None,
             issued_at: now,
             expires_at: now,
+            max_expires_at: now,
         };
         let role = quote_ident("eph_billing_rw_x").unwrap();
         let sql = create_role_sql(&template, &role, &secret, &lease, now).unwrap();

@@ -1,0 +1,129 @@
+//! The admin API's JSON shapes, shared by the server ([`super`]) and the
+//! client (`crate::admin_client`, used by the CLI). Documented in
+//! `docs/admin-api.yaml` (OpenAPI 3).
+//!
+//! | method | path | body | answer |
+//! | --- | --- | --- | --- |
+//! | GET | /healthz | | [`Health`] (any verified SVID) |
+//! | GET | /metrics | | Prometheus text (admin) |
+//! | GET | /v1/leases?identity=&template=&state= | | [`LeaseList`] (admin) |
+//! | GET | /v1/leases/{id} | | [`LeaseView`] (admin) |
+//! | POST | /v1/leases/{id}/renew | [`RenewRequest`] (optional) | [`LeaseView`] (admin) |
+//! | POST | /v1/leases/{id}/revoke | | [`LeaseView`] (admin) |
+//! | POST | /v1/revoke | [`RevokeRequest`] | [`RevokeResponse`] (admin) |
+//! | POST | /v1/creds/{template} | | [`Credentials`] (any SVID the policy allows the template) |
+//!
+//! Errors are [`ApiError`] with 400, 403, 404, 409 or 503.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use ephemera_engine::{LeaseId, LeaseKind, LeaseState};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseView {
+    pub id: LeaseId,
+    pub engine: String,
+    pub kind: LeaseKind,
+    pub template: String,
+    pub role: String,
+    pub identity: String,
+    pub database: String,
+    pub client_addr: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub max_expires_at: OffsetDateTime,
+    pub state: LeaseState,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub ended_at: Option<OffsetDateTime>,
+    /// Why it ended (`session_ended`, `revoked`, `expired`, …) and, for
+    /// revocations, by whom.
+    pub end_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseList {
+    pub leases: Vec<LeaseView>,
+}
+
+/// Query of `GET /v1/leases`; every filter is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<LeaseState>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// The new TTL from now (e.g. `"10m"`); default: the template's `ttl`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl: Option<Duration>,
+}
+
+/// Exactly one of the three selects the leases to revoke.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    pub revoked: usize,
+}
+
+/// A standalone lease's credentials. `password` is the only place a
+/// password ever leaves Ephemera; `Debug` redacts it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub lease_id: LeaseId,
+    pub username: String,
+    pub password: String,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("lease_id", &self.lease_id)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}

@@ -1,0 +1,325 @@
+//! The admin API: HTTP/JSON over mutual TLS.
+//!
+//! The TLS layer requires a client certificate chaining to the SPIFFE trust
+//! bundle; the X.509-SVID rules are then checked per connection, and each
+//! request is authorised by the caller's SPIFFE ID:
+//!
+//! * `/healthz`: any verified SVID;
+//! * `/v1/creds/{template}`: any SVID the policy allows that template;
+//! * everything else: only identities matching `[admin] identities`; others
+//!   get 403 with a JSON error.
+//!
+//! The JSON shapes are in [`api`]; the OpenAPI document is `docs/admin-api.yaml`.
+
+pub mod api;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use ephemera_engine::LeaseId;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use metrics_exporter_prometheus::PrometheusHandle;
+use rustls::pki_types::UnixTime;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use self::api::{
+    ApiError, Credentials, Health, LeaseFilter, LeaseList, LeaseView, RenewRequest, RevokeRequest,
+    RevokeResponse,
+};
+use crate::config::{AdminSettings, UpstreamSettings};
+use crate::identity::{SpiffeId, SvidVerifier};
+use crate::leases::{LeaseError, LeaseManager};
+use crate::policy::IdPattern;
+
+/// How long a client has to finish the TLS handshake.
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the handlers work with.
+pub struct AdminState {
+    pub leases: Arc<LeaseManager>,
+    pub svid_verifier: Arc<SvidVerifier>,
+    /// Where standalone credentials log in (returned by `/v1/creds`).
+    pub upstream: UpstreamSettings,
+    pub metrics: PrometheusHandle,
+}
+
+struct Shared {
+    state: AdminState,
+    admins: Vec<IdPattern>,
+}
+
+/// Who is calling, as established for the whole connection.
+#[derive(Clone, Debug)]
+enum Caller {
+    Verified(SpiffeId),
+    /// The certificate chains to the bundle but is not a valid X.509-SVID.
+    Invalid(String),
+}
+
+pub struct AdminServer {
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    shared: Arc<Shared>,
+}
+
+impl AdminServer {
+    pub fn new(listener: TcpListener, settings: AdminSettings, state: AdminState) -> Self {
+        AdminServer {
+            listener,
+            tls: TlsAcceptor::from(settings.tls),
+            shared: Arc::new(Shared {
+                state,
+                admins: settings.identities,
+            }),
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has an address")
+    }
+
+    /// Serve until the task is dropped.
+    pub async fn serve(self) {
+        let router = router(self.shared.clone());
+        tracing::info!(address = %self.local_addr(), "admin API is listening");
+        loop {
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let tls = self.tls.clone();
+            let shared = self.shared.clone();
+            let router = router.clone();
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(TLS_TIMEOUT, tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::info!(client_addr = %peer, %error, "admin API TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let caller = match stream.get_ref().1.peer_certificates() {
+                    Some(chain) => {
+                        match shared.state.svid_verifier.verify(chain, UnixTime::now()) {
+                            Ok(svid) => Caller::Verified(svid.id),
+                            Err(e) => Caller::Invalid(e.to_string()),
+                        }
+                    }
+                    // Unreachable: the TLS layer requires a certificate.
+                    None => Caller::Invalid("no client certificate".into()),
+                };
+                let service = TowerToHyperService::new(router.layer(Extension(caller)));
+                if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(client_addr = %peer, %error, "admin API connection error");
+                }
+            });
+        }
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/leases", get(list_leases))
+        .route("/v1/leases/{id}", get(show_lease))
+        .route("/v1/leases/{id}/renew", post(renew_lease))
+        .route("/v1/leases/{id}/revoke", post(revoke_lease))
+        .route("/v1/revoke", post(revoke_matching))
+        .route("/v1/creds/{template}", post(creds))
+        .fallback(|| async {
+            failure(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see docs/admin-api.yaml",
+            )
+        })
+        .with_state(shared)
+}
+
+/// An error answer: status and `{"error": "…"}`.
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { error: self.1 })).into_response()
+    }
+}
+
+fn failure(status: StatusCode, message: impl Into<String>) -> Failure {
+    Failure(status, message.into())
+}
+
+impl From<LeaseError> for Failure {
+    fn from(error: LeaseError) -> Self {
+        let status = match &error {
+            LeaseError::NotFound(_) | LeaseError::UnknownTemplate(_) => StatusCode::NOT_FOUND,
+            LeaseError::Ended(_) => StatusCode::CONFLICT,
+            LeaseError::Denied { .. } => StatusCode::FORBIDDEN,
+            LeaseError::BadSelector => StatusCode::BAD_REQUEST,
+            LeaseError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        failure(status, error.to_string())
+    }
+}
+
+impl From<ephemera_engine::EngineError> for Failure {
+    fn from(error: ephemera_engine::EngineError) -> Self {
+        LeaseError::from(error).into()
+    }
+}
+
+/// Any caller with a valid SVID.
+fn verified(caller: &Caller) -> Result<&SpiffeId, Failure> {
+    match caller {
+        Caller::Verified(id) => Ok(id),
+        Caller::Invalid(reason) => Err(failure(
+            StatusCode::FORBIDDEN,
+            format!("the client certificate is not a valid X.509-SVID: {reason}"),
+        )),
+    }
+}
+
+/// Only callers listed in `[admin] identities`.
+fn admin<'a>(shared: &Shared, caller: &'a Caller) -> Result<&'a SpiffeId, Failure> {
+    let id = verified(caller)?;
+    if shared.admins.iter().any(|p| p.matches(id)) {
+        Ok(id)
+    } else {
+        Err(failure(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{id} is not an admin identity; admin identities are listed in [admin] identities"
+            ),
+        ))
+    }
+}
+
+async fn health(Extension(caller): Extension<Caller>) -> Result<Json<Health>, Failure> {
+    verified(&caller)?;
+    Ok(Json(Health {
+        status: "ok".into(),
+    }))
+}
+
+async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, Failure> {
+    admin(&shared, &caller)?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.state.metrics.render(),
+    )
+        .into_response())
+}
+
+async fn list_leases(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    Query(filter): Query<LeaseFilter>,
+) -> Result<Json<LeaseList>, Failure> {
+    admin(&shared, &caller)?;
+    let leases = shared.state.leases.list(&filter).await?;
+    Ok(Json(LeaseList { leases }))
+}
+
+async fn show_lease(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<LeaseId>,
+) -> Result<Json<LeaseView>, Failure> {
+    admin(&shared, &caller)?;
+    Ok(Json(shared.state.leases.get(id).await?))
+}
+
+async fn renew_lease(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<LeaseId>,
+    body: Bytes,
+) -> Result<Json<LeaseView>, Failure> {
+    let actor = admin(&shared, &caller)?.to_string();
+    let request: RenewRequest = if body.is_empty() {
+        RenewRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            failure(
+                StatusCode::BAD_REQUEST,
+                format!("invalid body: {e}; send {{\"ttl\": \"10m\"}} or nothing"),
+            )
+        })?
+    };
+    Ok(Json(
+        shared.state.leases.renew(id, request.ttl, &actor).await?,
+    ))
+}
+
+async fn revoke_lease(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<LeaseId>,
+) -> Result<Json<LeaseView>, Failure> {
+    let actor = admin(&shared, &caller)?.to_string();
+    Ok(Json(shared.state.leases.revoke(id, &actor).await?))
+}
+
+async fn revoke_matching(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Json<RevokeResponse>, Failure> {
+    let actor = admin(&shared, &caller)?.to_string();
+    let selector: RevokeRequest = serde_json::from_slice(&body).map_err(|e| {
+        failure(
+            StatusCode::BAD_REQUEST,
+            format!("invalid body: {e}; send one of {{\"identity\": …}}, {{\"identity_prefix\": …}}, {{\"template\": …}}"),
+        )
+    })?;
+    let revoked = shared
+        .state
+        .leases
+        .revoke_matching(&selector, &actor)
+        .await?;
+    Ok(Json(RevokeResponse { revoked }))
+}
+
+async fn creds(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    Path(template): Path<String>,
+) -> Result<Json<Credentials>, Failure> {
+    let identity = verified(&caller)?.clone();
+    let (lease, password) = shared
+        .state
+        .leases
+        .issue_standalone(&identity, &template, None)
+        .await?;
+    Ok(Json(Credentials {
+        lease_id: lease.id,
+        username: lease.role,
+        password: password.expose().to_owned(),
+        host: shared.state.upstream.host.clone(),
+        port: shared.state.upstream.port,
+        database: lease.database,
+        expires_at: lease.expires_at,
+    }))
+}

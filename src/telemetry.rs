@@ -1,0 +1,87 @@
+//! Metrics (Prometheus text at the admin API's `/metrics`).
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `ephemera_sessions_active` | gauge | |
+//! | `ephemera_leases_active` | gauge | |
+//! | `ephemera_leases_issued_total` | counter | template, kind |
+//! | `ephemera_leases_revoked_total` | counter | template, reason |
+//! | `ephemera_leases_expired_total` | counter | template, reason |
+//! | `ephemera_denials_total` | counter | reason |
+//! | `ephemera_handshake_seconds` | histogram | |
+//! | `ephemera_role_creation_seconds` | histogram | |
+//! | `ephemera_reaper_lag_seconds` | gauge | (how far past expiry the oldest expired role was at the last scan) |
+//! | `ephemera_revocations_pending` | gauge | |
+//! | `ephemera_revoke_failures_total` | counter | template |
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const SESSIONS_ACTIVE: &str = "ephemera_sessions_active";
+pub const LEASES_ACTIVE: &str = "ephemera_leases_active";
+pub const LEASES_ISSUED: &str = "ephemera_leases_issued_total";
+pub const LEASES_REVOKED: &str = "ephemera_leases_revoked_total";
+pub const LEASES_EXPIRED: &str = "ephemera_leases_expired_total";
+pub const DENIALS: &str = "ephemera_denials_total";
+pub const HANDSHAKE_SECONDS: &str = "ephemera_handshake_seconds";
+pub const ROLE_CREATION_SECONDS: &str = "ephemera_role_creation_seconds";
+pub const REAPER_LAG_SECONDS: &str = "ephemera_reaper_lag_seconds";
+pub const REVOCATIONS_PENDING: &str = "ephemera_revocations_pending";
+pub const REVOKE_FAILURES: &str = "ephemera_revoke_failures_total";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the process-wide recorder (once) and return its handle.
+pub fn prometheus() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding
+            // program's); then ours only renders what it saw, which is nothing.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_gauge!(SESSIONS_ACTIVE, "Relayed sessions open now");
+    metrics::describe_gauge!(LEASES_ACTIVE, "Leases this process holds now");
+    metrics::describe_counter!(LEASES_ISSUED, "Leases issued");
+    metrics::describe_counter!(
+        LEASES_REVOKED,
+        "Leases revoked (session end, admin, shutdown, policy)"
+    );
+    metrics::describe_counter!(
+        LEASES_EXPIRED,
+        "Leases that reached their TTL, max TTL or SVID expiry"
+    );
+    metrics::describe_counter!(DENIALS, "Connections refused");
+    metrics::describe_histogram!(
+        HANDSHAKE_SECONDS,
+        "Accept to admitted identity (TLS and startup)"
+    );
+    metrics::describe_histogram!(ROLE_CREATION_SECONDS, "Time to mint a role");
+    metrics::describe_gauge!(
+        REAPER_LAG_SECONDS,
+        "How long past expiry the oldest expired role was at the last reaper scan"
+    );
+    metrics::describe_gauge!(
+        REVOCATIONS_PENDING,
+        "Revocations started and not yet finished (retrying)"
+    );
+    metrics::describe_counter!(
+        REVOKE_FAILURES,
+        "Failed revocation attempts (each is retried)"
+    );
+}
