@@ -717,7 +717,14 @@ pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigProblem> {
     config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
         .add_source(
+            // Only section-qualified variables (EPHEMERA_UPSTREAM__PORT) are
+            // configuration; EPHEMERA_LOG and friends belong to the command.
             config::Environment::with_prefix("EPHEMERA")
+                .source(Some(
+                    std::env::vars()
+                        .filter(|(k, _)| k.starts_with("EPHEMERA_") && k.contains("__"))
+                        .collect(),
+                ))
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)

@@ -186,12 +186,18 @@ impl std::fmt::Debug for LeaseManager {
 }
 
 impl LeaseManager {
+    /// Build the manager. Its gauges start at zero so they show in
+    /// `/metrics` before anything happens.
     pub fn new(
         engine: Arc<dyn Engine>,
         rules: SharedRules,
         audit: Arc<AuditLog>,
         bind_to_svid: bool,
     ) -> Arc<Self> {
+        metrics::gauge!(telemetry::REVOCATIONS_PENDING).set(0.0);
+        metrics::gauge!(telemetry::LEASES_ACTIVE).set(0.0);
+        metrics::gauge!(telemetry::REAPER_LAG_SECONDS).set(0.0);
+        metrics::gauge!(telemetry::SESSIONS_ACTIVE).increment(0.0);
         Arc::new_cyclic(|me| LeaseManager {
             engine,
             rules,

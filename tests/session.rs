@@ -235,8 +235,6 @@ async fn the_statement_log_never_sees_a_plaintext_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_psql_from_a_config_file() {
-    use std::process::Stdio;
-
     let template = "s_binary";
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
@@ -245,28 +243,7 @@ async fn the_binary_serves_psql_from_a_config_file() {
     let listen = format!("127.0.0.1:{port}");
     let files =
         common::proxy::ProxyFiles::write(&ProxyOptions::templates(&[template]), &listen).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
-        .args(["serve", "--config"])
-        .arg(&files.config_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ephemera starts");
-
-    // Wait until it listens.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(&listen).await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ephemera did not start listening"
-        );
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "ephemera exited early"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut child = common::proxy::spawn_binary(&files.config_path, &listen, None, &[]).await;
 
     let conninfo = files.conninfo(
         listen.parse().expect("addr"),
@@ -295,9 +272,7 @@ async fn the_binary_serves_psql_from_a_config_file() {
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await);
 
     // SIGTERM: an orderly exit.
-    let pid = child.id().expect("running") as i32;
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    common::proxy::signal(&child, libc::SIGTERM);
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("ephemera exits after SIGTERM")

@@ -23,6 +23,8 @@ pub const BILLING_ID: &str = "spiffe://example.org/ns/prod/sa/billing";
 /// An identity in the trust domain that the default policy allows nothing.
 pub const STRANGER_ID: &str = "spiffe://example.org/ns/prod/sa/stranger";
 pub const ADMIN_USER: &str = "ephemera_admin";
+/// The identity the test configuration lists in `[admin] identities`.
+pub const ADMIN_ID: &str = "spiffe://example.org/ops/admin";
 pub const DATABASE: &str = "billing";
 pub const GROUP: &str = "billing_rw";
 
@@ -80,6 +82,10 @@ pub struct ProxyOptions {
     pub handshake_timeout: &'static str,
     /// Extra TOML appended to every template section.
     pub template_extra: String,
+    pub reap_interval: &'static str,
+    /// Serve the admin API for [`ADMIN_ID`] on this address (`127.0.0.1:0`
+    /// for a random port).
+    pub admin_listen: Option<String>,
 }
 
 impl ProxyOptions {
@@ -90,6 +96,8 @@ impl ProxyOptions {
             login_window: "60s",
             handshake_timeout: "10s",
             template_extra: String::new(),
+            reap_interval: "10s",
+            admin_listen: None,
         }
     }
 }
@@ -103,6 +111,28 @@ pub struct ProxyFiles {
     pub server_ca: TestCa,
     pub server_ca_path: PathBuf,
     pub config_path: PathBuf,
+}
+
+impl ProxyFiles {
+    /// The audit log's lines, parsed (every line must be JSON).
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {line}"))
+            })
+            .collect()
+    }
+
+    /// Write `cert` to disk; returns (cert, key) paths.
+    pub fn write_cert(&self, cert: &TestCert) -> (PathBuf, PathBuf) {
+        let name = format!(
+            "cert-{}",
+            Alphanumeric.sample_string(&mut rand::thread_rng(), 8)
+        );
+        cert.write(self.dir.path(), &name)
+    }
 }
 
 impl ProxyFiles {
@@ -143,6 +173,10 @@ pool_size = 2
 
 [lease]
 login_window = "{login_window}"
+reap_interval = "{reap_interval}"
+
+[audit]
+path = "audit.jsonl"
 "#,
             bundle = bundle_path.display(),
             host = c.host(),
@@ -150,7 +184,13 @@ login_window = "{login_window}"
             upstream_ca = c.ca_pem_path().display(),
             login_window = options.login_window,
             handshake_timeout = options.handshake_timeout,
+            reap_interval = options.reap_interval,
         );
+        if let Some(admin_listen) = &options.admin_listen {
+            toml.push_str(&format!(
+                "\n[admin]\nlisten = \"{admin_listen}\"\nidentities = [\"{ADMIN_ID}\"]\n"
+            ));
+        }
         for name in &options.templates {
             toml.push_str(&format!(
                 "\n[templates.{name}]\ndatabase = \"{DATABASE}\"\nmember_of = [\"{GROUP}\"]\n{}\n",
@@ -210,6 +250,7 @@ login_window = "{login_window}"
 pub struct TestProxy {
     pub files: ProxyFiles,
     pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -220,6 +261,7 @@ impl TestProxy {
         let settings = Settings::load(&files.config_path).unwrap_or_else(|e| panic!("{e}"));
         let server = Server::bind(settings).await.expect("the proxy binds");
         let addr = server.local_addr();
+        let admin_addr = server.admin_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
             let _ = rx.await;
@@ -227,6 +269,7 @@ impl TestProxy {
         TestProxy {
             files,
             addr,
+            admin_addr,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -278,6 +321,27 @@ impl TestProxy {
     }
 }
 
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("address").port()
+}
+
+/// An admin API client for `addr` presenting `cert`, trusting the proxy's CA.
+pub fn admin_client(
+    files: &ProxyFiles,
+    addr: SocketAddr,
+    cert: &TestCert,
+) -> ephemera::admin_client::AdminClient {
+    ephemera::admin_client::AdminClient::new(
+        &format!("https://{addr}"),
+        cert.chain_der(),
+        cert.key_der(),
+        vec![files.server_ca.cert_der()],
+    )
+    .expect("an admin client")
+}
+
 /// Roles whose names start with `prefix`, as the superuser sees them.
 pub async fn roles_with_prefix(prefix: &str) -> Vec<String> {
     let client = cluster().superuser("postgres").await;
@@ -319,4 +383,56 @@ pub fn psql() -> PathBuf {
 
 pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
+}
+
+/// The `ephemera` binary serving `config`, once it accepts connections on
+/// `listen`. Its stderr goes to `stderr_path` (if given).
+pub async fn spawn_binary(
+    config: &Path,
+    listen: &str,
+    stderr_path: Option<&Path>,
+    envs: &[(&str, &str)],
+) -> tokio::process::Child {
+    let stderr = match stderr_path {
+        Some(path) => std::process::Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("the stderr file"),
+        ),
+        None => std::process::Stdio::null(),
+    };
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ephemera starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "ephemera did not start listening on {listen}"
+        );
+        if child.try_wait().expect("wait").is_some() {
+            let log = stderr_path
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default();
+            let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+            panic!("ephemera exited early; last log lines (newest first):\n{tail}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
+}
+
+/// Send `signal` to a child process.
+pub fn signal(child: &tokio::process::Child, signal: i32) {
+    let pid = child.id().expect("the child is running") as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, signal) };
 }
