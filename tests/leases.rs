@@ -281,3 +281,102 @@ async fn only_admin_identities_may_use_admin_endpoints() {
     drop(client);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_policy_ends_leases_at_their_next_renewal() {
+    let template = "l_reload";
+    let mut options = ProxyOptions::templates(&[template]);
+    options.template_extra = "ttl = \"2s\"\nmax_ttl = \"1h\"".into();
+    let proxy = TestProxy::start(options).await;
+    let client = proxy
+        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
+        .await
+        .expect("connects");
+
+    // The DBA takes the template away from the identity and reloads.
+    let config = std::fs::read_to_string(&proxy.files.config_path).expect("config");
+    let without = config.replace(
+        &format!("spiffe_id = \"{BILLING_ID}\""),
+        &format!("spiffe_id = \"{STRANGER_ID}\""),
+    );
+    assert_ne!(config, without);
+    std::fs::write(&proxy.files.config_path, without).expect("write config");
+    proxy
+        .reloader
+        .reload()
+        .expect("the new configuration is valid");
+
+    assert!(
+        wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await,
+        "the lease ends at its next renewal (ttl/2 = 1 s)"
+    );
+    assert!(client.simple_query("SELECT 1").await.is_err());
+    let audit = proxy.files.audit_events();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["event"] == "revoked" && e["reason"] == "policy_changed"),
+        "{audit:?}"
+    );
+    // New sessions are refused by the new policy.
+    assert!(proxy
+        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
+        .await
+        .is_err());
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_cannot_be_dropped_is_retried_and_reported_until_it_can() {
+    let template = "l_stuck";
+    let proxy = TestProxy::start(ProxyOptions::templates(&[template])).await;
+    let client = proxy
+        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
+        .await
+        .expect("connects");
+    let role: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("query")
+        .get(0);
+    // An object in another database depends on the role: DROP OWNED in the
+    // template's database cannot remove it, so DROP ROLE fails.
+    cluster()
+        .exec_sql(
+            "postgres",
+            &format!("CREATE TABLE l_stuck_blocker (x int); ALTER TABLE l_stuck_blocker OWNER TO \"{role}\";"),
+        )
+        .await;
+    drop(client);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let failures = proxy
+            .files
+            .audit_events()
+            .iter()
+            .filter(|e| e["event"] == "revoke_failed" && e["role"] == role.as_str())
+            .count();
+        if failures >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "failed revocations are retried and audited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        roles_with_prefix(&role_prefix(template)).await,
+        [role.clone()]
+    );
+
+    cluster()
+        .exec_sql("postgres", "DROP TABLE l_stuck_blocker")
+        .await;
+    assert!(
+        wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await,
+        "once the blocker is gone, a retry drops the role"
+    );
+    proxy.shutdown().await;
+}

@@ -251,6 +251,8 @@ pub struct TestProxy {
     pub files: ProxyFiles,
     pub addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
+    /// Reloads templates and policy from `files.config_path` (as SIGHUP does).
+    pub reloader: ephemera::server::Reloader,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -262,6 +264,7 @@ impl TestProxy {
         let server = Server::bind(settings).await.expect("the proxy binds");
         let addr = server.local_addr();
         let admin_addr = server.admin_addr();
+        let reloader = server.reloader();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
             let _ = rx.await;
@@ -270,6 +273,7 @@ impl TestProxy {
             files,
             addr,
             admin_addr,
+            reloader,
             shutdown: Some(tx),
             task: Some(task),
         }
