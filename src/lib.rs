@@ -20,6 +20,7 @@
 //! [`server`] ties them together; [`config`] is the file DBAs write.
 
 pub mod admin;
+pub mod admin_client;
 pub mod audit;
 pub mod cancel;
 pub mod config;

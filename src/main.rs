@@ -1,5 +1,7 @@
 //! The `ephemera` command. Errors become `anyhow` here and nowhere else.
 
+mod cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,6 +42,29 @@ enum Command {
         /// The configuration file to check.
         path: PathBuf,
     },
+    /// List, show, renew or revoke leases (admin API).
+    Leases {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(subcommand)]
+        command: cli::LeasesCommand,
+    },
+    /// Revoke every lease of an identity, identity prefix or template, and
+    /// end their sessions (admin API).
+    Revoke {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        select: cli::RevokeArgs,
+    },
+    /// Get standalone credentials (a password) for TEMPLATE as your own
+    /// identity, for clients that cannot come through the proxy.
+    Creds {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        creds: cli::CredsArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +78,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Leases { admin, command } => run_client(cli::leases(admin, command)),
+        Command::Revoke { admin, select } => run_client(cli::revoke(admin, select)),
+        Command::Creds { admin, creds } => run_client(cli::creds(admin, creds)),
         Command::CheckConfig { path } => match Settings::load(&path) {
             Ok(_) => {
                 println!("{}: OK", path.display());
@@ -63,6 +91,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Run an admin API client command on a small runtime.
+fn run_client(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ephemera: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -88,7 +132,14 @@ async fn shutdown_signal() {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EPHEMERA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // tokio-postgres logs statement text at debug level, and the
+        // statements that create roles carry SCRAM verifiers: never below info.
+        .add_directive(
+            "tokio_postgres=info"
+                .parse()
+                .expect("a constant, valid directive"),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

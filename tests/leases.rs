@@ -368,7 +368,7 @@ async fn a_role_that_cannot_be_dropped_is_retried_and_reported_until_it_can() {
     }
     assert_eq!(
         roles_with_prefix(&role_prefix(template)).await,
-        [role.clone()]
+        vec![role.clone()]
     );
 
     cluster()

@@ -34,7 +34,7 @@ async fn the_reaper_drops_expired_roles_left_by_a_dead_process() {
         )
         .await;
     let mut options = ProxyOptions::templates(&[template]);
-    options.reap_interval = "500ms".into();
+    options.reap_interval = "500ms";
     let proxy = TestProxy::start(options).await;
     assert!(
         wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await,

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -187,6 +188,16 @@ impl From<ephemera_engine::EngineError> for Failure {
     }
 }
 
+/// The `{id}` of a lease path, or a JSON 400.
+fn lease_id(id: Result<Path<LeaseId>, PathRejection>) -> Result<LeaseId, Failure> {
+    id.map(|Path(id)| id).map_err(|e| {
+        failure(
+            StatusCode::BAD_REQUEST,
+            format!("{}; a lease id is a UUID", e.body_text()),
+        )
+    })
+}
+
 /// Any caller with a valid SVID.
 fn verified(caller: &Caller) -> Result<&SpiffeId, Failure> {
     match caller {
@@ -235,9 +246,18 @@ async fn metrics(
 async fn list_leases(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    Query(filter): Query<LeaseFilter>,
+    filter: Result<Query<LeaseFilter>, QueryRejection>,
 ) -> Result<Json<LeaseList>, Failure> {
     admin(&shared, &caller)?;
+    let Query(filter) = filter.map_err(|e| {
+        failure(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{}; filters are identity, template and state (active, revoked, expired)",
+                e.body_text()
+            ),
+        )
+    })?;
     let leases = shared.state.leases.list(&filter).await?;
     Ok(Json(LeaseList { leases }))
 }
@@ -245,19 +265,21 @@ async fn list_leases(
 async fn show_lease(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<LeaseId>,
+    id: Result<Path<LeaseId>, PathRejection>,
 ) -> Result<Json<LeaseView>, Failure> {
     admin(&shared, &caller)?;
+    let id = lease_id(id)?;
     Ok(Json(shared.state.leases.get(id).await?))
 }
 
 async fn renew_lease(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<LeaseId>,
+    id: Result<Path<LeaseId>, PathRejection>,
     body: Bytes,
 ) -> Result<Json<LeaseView>, Failure> {
     let actor = admin(&shared, &caller)?.to_string();
+    let id = lease_id(id)?;
     let request: RenewRequest = if body.is_empty() {
         RenewRequest::default()
     } else {
@@ -276,9 +298,10 @@ async fn renew_lease(
 async fn revoke_lease(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<LeaseId>,
+    id: Result<Path<LeaseId>, PathRejection>,
 ) -> Result<Json<LeaseView>, Failure> {
     let actor = admin(&shared, &caller)?.to_string();
+    let id = lease_id(id)?;
     Ok(Json(shared.state.leases.revoke(id, &actor).await?))
 }
 
