@@ -226,7 +226,7 @@ pub async fn creds(args: AdminArgs, c: CredsArgs) -> anyhow::Result<()> {
 impl AdminArgs {
     /// The client these arguments describe, or an error naming every
     /// missing option.
-    fn client(&self) -> anyhow::Result<AdminClient> {
+    pub(crate) fn client(&self) -> anyhow::Result<AdminClient> {
         let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) else {
             anyhow::bail!(
                 "the admin API needs mutual TLS; missing:\n  {}",

@@ -733,10 +733,65 @@ pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigProblem> {
         )
         .build()
         .and_then(|c| c.try_deserialize::<FileConfig>())
-        .map_err(|e| ConfigProblem {
-            key: String::new(),
-            message: e.to_string(),
-        })
+        .map_err(|e| parse_problem(&e.to_string()))
+}
+
+/// Turn the parser's message ("… for key `upstream`") into a problem with
+/// its key path first and a hint on what to do.
+fn parse_problem(message: &str) -> ConfigProblem {
+    let (text, key) = match message.rsplit_once(" for key `") {
+        Some((text, key)) => (text, key.trim_end_matches('`').to_owned()),
+        None => (message, String::new()),
+    };
+    if let Some(rest) = text.strip_prefix("unknown field `") {
+        if let Some((field, expected)) = rest.split_once('`') {
+            let key = if key.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{key}.{field}")
+            };
+            return ConfigProblem {
+                key,
+                message: format!(
+                    "unknown key; remove it or fix its spelling{}",
+                    expected.replacen(',', ":", 1)
+                ),
+            };
+        }
+    }
+    if let Some(field) = text
+        .strip_prefix("missing configuration field \"")
+        .and_then(|r| r.strip_suffix('"'))
+    {
+        return ConfigProblem {
+            key: field.to_owned(),
+            message: "is required; see config.toml for an annotated example".into(),
+        };
+    }
+    if text.contains("expected a duration") {
+        return ConfigProblem {
+            key,
+            message: format!("{text}; write a duration such as \"10s\", \"5m\" or \"1h\""),
+        };
+    }
+    if let Some(field) = text
+        .strip_prefix("missing field `")
+        .and_then(|r| r.strip_suffix('`'))
+    {
+        let key = if key.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{key}.{field}")
+        };
+        return ConfigProblem {
+            key,
+            message: "is required; see config.toml for an annotated example".into(),
+        };
+    }
+    ConfigProblem {
+        key,
+        message: text.to_owned(),
+    }
 }
 
 fn load_certs(

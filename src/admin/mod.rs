@@ -6,6 +6,8 @@
 //!
 //! * `/healthz`: any verified SVID;
 //! * `/v1/creds/{template}`: any SVID the policy allows that template;
+//! * renewing or revoking a standalone lease: admins, and the identity that
+//!   holds it (`ephemera exec` renews and gives back its own lease);
 //! * everything else: only identities matching `[admin] identities`; others
 //!   get 403 with a JSON error.
 //!
@@ -24,7 +26,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use ephemera_engine::LeaseId;
+use ephemera_engine::{LeaseId, LeaseKind};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -224,6 +226,23 @@ fn admin<'a>(shared: &Shared, caller: &'a Caller) -> Result<&'a SpiffeId, Failur
     }
 }
 
+/// Admins, or the identity holding standalone lease `id` (so a batch job can
+/// renew and give back its own credentials). Anyone else gets the same 403
+/// whether or not the lease exists.
+async fn admin_or_holder(shared: &Shared, caller: &Caller, id: LeaseId) -> Result<String, Failure> {
+    let refusal = match admin(shared, caller) {
+        Ok(admin) => return Ok(admin.to_string()),
+        Err(refusal) => refusal,
+    };
+    let caller = verified(caller)?;
+    match shared.state.leases.get(id).await {
+        Ok(lease) if lease.kind == LeaseKind::Standalone && lease.identity == caller.as_str() => {
+            Ok(caller.to_string())
+        }
+        _ => Err(refusal),
+    }
+}
+
 async fn health(Extension(caller): Extension<Caller>) -> Result<Json<Health>, Failure> {
     verified(&caller)?;
     Ok(Json(Health {
@@ -278,8 +297,8 @@ async fn renew_lease(
     id: Result<Path<LeaseId>, PathRejection>,
     body: Bytes,
 ) -> Result<Json<LeaseView>, Failure> {
-    let actor = admin(&shared, &caller)?.to_string();
     let id = lease_id(id)?;
+    let actor = admin_or_holder(&shared, &caller, id).await?;
     let request: RenewRequest = if body.is_empty() {
         RenewRequest::default()
     } else {
@@ -300,8 +319,8 @@ async fn revoke_lease(
     Extension(caller): Extension<Caller>,
     id: Result<Path<LeaseId>, PathRejection>,
 ) -> Result<Json<LeaseView>, Failure> {
-    let actor = admin(&shared, &caller)?.to_string();
     let id = lease_id(id)?;
+    let actor = admin_or_holder(&shared, &caller, id).await?;
     Ok(Json(shared.state.leases.revoke(id, &actor).await?))
 }
 
