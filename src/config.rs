@@ -450,8 +450,10 @@ impl Settings {
                     "upstream.ca",
                     "sslmode = \"verify-full\" needs the upstream's CA certificate (PEM path)",
                 );
+                None
+            } else {
+                Some(Vec::new())
             }
-            Some(Vec::new())
         } else {
             load_certs(&base.join(&up.ca), "upstream.ca", &mut problems)
         };

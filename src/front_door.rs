@@ -128,6 +128,7 @@ async fn accept_tls(
 
 /// Send the refusal as a FATAL `ErrorResponse` and close.
 pub async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, refusal: Refusal, peer: SocketAddr) {
+    metrics::counter!(crate::telemetry::DENIALS, "reason" => refusal.label()).increment(1);
     tracing::info!(client_addr = %peer, sqlstate = refusal.sqlstate(), reason = %refusal, "connection refused");
     let _ = stream.write_all(&refusal.to_message()).await;
     let _ = stream.shutdown().await;
@@ -142,7 +143,6 @@ pub async fn refuse_and_audit<S: AsyncWrite + Unpin>(
     identity: Option<String>,
     template: Option<String>,
 ) {
-    metrics::counter!(crate::telemetry::DENIALS, "reason" => refusal.label()).increment(1);
     proxy.leases.audit().record(AuditEvent::denied(
         identity,
         template,

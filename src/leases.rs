@@ -235,12 +235,12 @@ impl LeaseManager {
         client_addr: Option<SocketAddr>,
         svid_not_after: Option<OffsetDateTime>,
     ) -> Result<(Lease, ScramSecret, Option<Password>), EngineError> {
-        let now = OffsetDateTime::now_utc();
+        let now = whole_seconds(OffsetDateTime::now_utc());
         let mut max_expires_at = now + settings.max_ttl;
         let mut svid_capped = false;
         if let (true, Some(not_after)) = (self.bind_to_svid, svid_not_after) {
             if not_after < max_expires_at {
-                max_expires_at = not_after;
+                max_expires_at = whole_seconds(not_after);
                 svid_capped = true;
             }
         }
@@ -347,14 +347,33 @@ impl LeaseManager {
     pub fn end(&self, id: LeaseId, reason: EndReason) {
         let entry = self.lock().active.remove(&id);
         if let Some(entry) = entry {
+            self.record_ended(&entry.lease, &reason);
             self.spawn_revoke(entry.lease, reason);
         }
+    }
+
+    /// Remember an ended lease for the admin API (from the moment it ends,
+    /// not once its revocation has finished).
+    fn record_ended(&self, lease: &Lease, reason: &EndReason) {
+        let mut registry = self.lock();
+        if registry.ended.iter().any(|e| e.lease.id == lease.id) {
+            return;
+        }
+        registry.ended.push_front(Ended {
+            lease: lease.clone(),
+            state: reason.state(),
+            at: OffsetDateTime::now_utc(),
+            reason: reason.describe(),
+        });
+        registry.ended.truncate(ENDED_HISTORY);
+        metrics::gauge!(telemetry::LEASES_ACTIVE).set(registry.active.len() as f64);
     }
 
     /// End a lease and wait for its revocation (first attempt). On failure
     /// the revocation goes on in the background and the error is returned.
     async fn end_now(&self, lease: Lease, reason: EndReason) -> Result<(), EngineError> {
         self.lock().active.remove(&lease.id);
+        self.record_ended(&lease, &reason);
         match self.engine.revoke(&lease).await {
             Ok(outcome) => {
                 self.finished(&lease, &reason, outcome);
@@ -405,17 +424,7 @@ impl LeaseManager {
     }
 
     fn finished(&self, lease: &Lease, reason: &EndReason, outcome: RevokeOutcome) {
-        let mut registry = self.lock();
-        registry.reaping.remove(&lease.role);
-        registry.ended.push_front(Ended {
-            lease: lease.clone(),
-            state: reason.state(),
-            at: OffsetDateTime::now_utc(),
-            reason: reason.describe(),
-        });
-        registry.ended.truncate(ENDED_HISTORY);
-        metrics::gauge!(telemetry::LEASES_ACTIVE).set(registry.active.len() as f64);
-        drop(registry);
+        self.lock().reaping.remove(&lease.role);
         let counter = if reason.state() == LeaseState::Expired {
             telemetry::LEASES_EXPIRED
         } else {
@@ -439,12 +448,22 @@ impl LeaseManager {
             .record(AuditEvent::lease(AuditKind::RevokeFailed, lease).reason(error.to_string()));
     }
 
-    /// Revoke every lease this process holds (their sessions are
-    /// terminated) and wait up to `deadline` for the revocations. Returns how
-    /// many were still pending at the deadline.
-    pub async fn revoke_all_and_wait(&self, deadline: Duration) -> usize {
-        let leases: Vec<Lease> = self.lock().active.drain().map(|(_, e)| e.lease).collect();
+    /// Revoke every session lease this process holds (their sessions are
+    /// terminated) and, if `standalone` is set, every standalone lease too,
+    /// then wait up to `deadline` for the revocations. Standalone leases left
+    /// alone live on in the ledger (a batch job keeps running across a
+    /// rolling restart) and are reaped when they expire. Returns how many
+    /// revocations were still pending at the deadline.
+    pub async fn revoke_all_and_wait(&self, deadline: Duration, standalone: bool) -> usize {
+        let leases: Vec<Lease> = self
+            .lock()
+            .active
+            .drain()
+            .map(|(_, e)| e.lease)
+            .filter(|lease| standalone || lease.kind == LeaseKind::Session)
+            .collect();
         for lease in leases {
+            self.record_ended(&lease, &EndReason::Shutdown);
             self.spawn_revoke(lease, EndReason::Shutdown);
         }
         self.revocations.close();
@@ -472,7 +491,12 @@ impl LeaseManager {
                 .values()
                 .map(|e| view(&e.lease, LeaseState::Active, None))
                 .collect();
-            let known: HashSet<LeaseId> = views.iter().map(|v| v.id).collect();
+            // A lease being revoked is still in the ledger; show it once, as ended.
+            let known: HashSet<LeaseId> = views
+                .iter()
+                .map(|v| v.id)
+                .chain(registry.ended.iter().map(|e| e.lease.id))
+                .collect();
             views.extend(
                 ledger
                     .iter()
@@ -542,7 +566,7 @@ impl LeaseManager {
         let mut lease = self.find_active(id).await?;
         let template_ttl = self.rules().templates.get(&lease.template).map(|t| t.ttl);
         let ttl = ttl.or(template_ttl).unwrap_or(Duration::from_secs(15 * 60));
-        lease.expires_at = (OffsetDateTime::now_utc() + ttl).min(lease.max_expires_at);
+        lease.expires_at = whole_seconds(OffsetDateTime::now_utc() + ttl).min(lease.max_expires_at);
         self.engine.renew(&lease).await?;
         if let Some(entry) = self.lock().active.get_mut(&id) {
             entry.lease.expires_at = lease.expires_at;
@@ -655,6 +679,7 @@ impl LeaseManager {
         let rules = self.rules();
         let mut ending = Vec::new();
         let mut renewing = Vec::new();
+        let mut due = Vec::new();
         for entry in self.lock().active.values() {
             let lease = &entry.lease;
             if now >= lease.max_expires_at {
@@ -664,6 +689,9 @@ impl LeaseManager {
                     EndReason::MaxTtl
                 };
                 ending.push((lease.id, reason));
+            } else if now >= lease.expires_at && lease.kind == LeaseKind::Standalone {
+                // Another replica may have renewed it: the ledger decides.
+                due.push(lease.id);
             } else if now >= lease.expires_at {
                 ending.push((lease.id, EndReason::Expired));
             } else if lease.kind == LeaseKind::Session
@@ -677,10 +705,27 @@ impl LeaseManager {
                 match rules.templates.get(&lease.template) {
                     Some(template) if allowed => {
                         let mut renewed = lease.clone();
-                        renewed.expires_at = (now + template.ttl).min(lease.max_expires_at);
+                        renewed.expires_at =
+                            whole_seconds(now + template.ttl).min(lease.max_expires_at);
                         renewing.push(renewed);
                     }
                     _ => ending.push((lease.id, EndReason::PolicyChanged)),
+                }
+            }
+        }
+        if !due.is_empty() {
+            match self.engine.list().await {
+                Ok(ledger) => {
+                    for id in due {
+                        let renewed = ledger.iter().find(|l| l.id == id && l.expires_at > now);
+                        match (renewed, self.lock().active.get_mut(&id)) {
+                            (Some(l), Some(entry)) => entry.lease.expires_at = l.expires_at,
+                            _ => ending.push((id, EndReason::Expired)),
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the ledger to expire standalone leases; retrying")
                 }
             }
         }
@@ -751,6 +796,7 @@ impl LeaseManager {
             {
                 registry.reaping.insert(lease.role.clone());
                 drop(registry);
+                self.record_ended(&lease, &EndReason::Reaped);
                 self.spawn_revoke(lease, EndReason::Reaped);
                 started += 1;
             }
@@ -765,6 +811,12 @@ impl LeaseManager {
             .upgrade()
             .expect("the manager is alive while its methods run")
     }
+}
+
+/// Lease times are kept to the second, as the ledger's RFC 3339 comments and
+/// `VALID UNTIL` show them, so "renewed up to max_expires_at" compares equal.
+fn whole_seconds(at: OffsetDateTime) -> OffsetDateTime {
+    at.replace_nanosecond(0).expect("0 ns is always valid")
 }
 
 fn kind_label(kind: LeaseKind) -> &'static str {

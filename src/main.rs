@@ -237,7 +237,9 @@ fn dev(options: ephemera::dev::DevOptions) -> anyhow::Result<()> {
         let environment = ephemera::dev::prepare(&options, &progress).await?;
         let settings =
             Settings::load(&environment.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let server = Server::bind(settings).await?;
+        let server = Server::bind(settings)
+            .await?
+            .revoke_standalone_on_shutdown();
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ephemera"));
         println!("{}", environment.instructions(&exe));
         server.serve(shutdown_signal()).await;

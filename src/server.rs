@@ -83,6 +83,7 @@ pub struct Server {
     admin: Option<AdminServer>,
     reaper_interval: Duration,
     reloader: Reloader,
+    revoke_standalone_on_shutdown: bool,
 }
 
 /// Reloads templates and policy from the configuration file (SIGHUP).
@@ -185,6 +186,7 @@ impl Server {
                 rules,
                 engine: postgres,
             },
+            revoke_standalone_on_shutdown: false,
         })
     }
 
@@ -203,6 +205,13 @@ impl Server {
         self.admin.as_ref().map(AdminServer::local_addr)
     }
 
+    /// Also revoke standalone leases at shutdown (`ephemera dev`); by
+    /// default they outlive a restart and expire on their own.
+    pub fn revoke_standalone_on_shutdown(mut self) -> Self {
+        self.revoke_standalone_on_shutdown = true;
+        self
+    }
+
     pub fn reloader(&self) -> Reloader {
         self.reloader.clone()
     }
@@ -217,6 +226,7 @@ impl Server {
             admin,
             reaper_interval,
             reloader,
+            revoke_standalone_on_shutdown,
         } = self;
         let connections = TaskTracker::new();
         let mut background = tokio::task::JoinSet::new();
@@ -259,7 +269,7 @@ impl Server {
         );
         let pending = proxy
             .leases
-            .revoke_all_and_wait(SHUTDOWN_REVOKE_DEADLINE)
+            .revoke_all_and_wait(SHUTDOWN_REVOKE_DEADLINE, revoke_standalone_on_shutdown)
             .await;
         if pending > 0 {
             tracing::error!(pending, "some leases could not be revoked before shutdown; their roles expire and are reaped later");

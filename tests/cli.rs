@@ -110,6 +110,17 @@ async fn revoke_identity_ends_a_live_psql_session_within_a_second() {
         .as_str()
         .unwrap_or_default()
         .starts_with(&role_prefix(template)));
+
+    // The holder gives its standalone lease back (standalone leases outlive
+    // a proxy restart, so nothing else would end it before it expires).
+    let id = json["lease_id"].as_str().expect("lease_id");
+    let revoked = ephemera_cli(&proxy, BILLING_ID, &["leases", "revoke", id]).await;
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    assert!(String::from_utf8_lossy(&revoked.stdout).contains("revoked"));
     proxy.shutdown().await;
     assert!(roles_with_prefix(&role_prefix(template)).await.is_empty());
 }

@@ -72,5 +72,8 @@ fn unknown_keys_are_refused() {
     let problem = read_file_config(&config).expect_err("typo refused");
     assert_eq!(problem.key, "listen.handshake_timeuot", "{problem}");
     assert!(problem.message.contains("unknown key"), "{problem}");
-    assert!(problem.message.contains("handshake_timeout"), "lists the valid keys: {problem}");
+    assert!(
+        problem.message.contains("handshake_timeout"),
+        "lists the valid keys: {problem}"
+    );
 }

@@ -239,9 +239,11 @@ async fn a_command_that_cannot_start_exits_127_and_a_refusal_never_runs_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_stops_at_max_ttl_and_the_lease_is_left_to_expire() {
     let template = "x_maxttl";
-    let proxy = start_proxy(&[template], "ttl = \"2s\"\nmax_ttl = \"3s\"").await;
-    // Outlives max_ttl: the proxy ends the lease at 3 s whatever exec does.
-    let output = run(exec(&proxy, template, &["sleep", "4"])).await;
+    // Generous margins: exec renews at half the remaining time (2 s), which a
+    // loaded machine may delay, but not past the 4 s TTL.
+    let proxy = start_proxy(&[template], "ttl = \"4s\"\nmax_ttl = \"6s\"").await;
+    // Outlives max_ttl: the proxy ends the lease at 6 s whatever exec does.
+    let output = run(exec(&proxy, template, &["sleep", "7"])).await;
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(

@@ -45,8 +45,8 @@ async fn ttl_renews_a_live_session_until_max_ttl_ends_it() {
     );
     let lived = started.elapsed();
     assert!(
-        lived >= Duration::from_millis(3500),
-        "renewal kept the session past its 2 s TTL (it lived {lived:?})"
+        lived >= Duration::from_millis(2500),
+        "renewal kept the session past its 2 s TTL (it lived {lived:?}; lease times are whole seconds, so max_ttl ends it 3 to 4 s in)"
     );
     assert!(
         client.simple_query("SELECT 1").await.is_err(),
