@@ -72,6 +72,9 @@ pub struct ListenSection {
     pub address: String,
     #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Relayed sessions at once; past it, new clients get 53300.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +114,12 @@ pub struct LeaseSection {
     pub reap_interval: Duration,
     #[serde(default = "defaults::bind_to_svid")]
     pub bind_to_svid: bool,
+    /// New leases per identity per second (token bucket refill rate).
+    #[serde(default = "defaults::issue_rate")]
+    pub issue_rate_per_identity: f64,
+    /// New leases an identity may take at once (token bucket size).
+    #[serde(default = "defaults::issue_burst")]
+    pub issue_burst_per_identity: u32,
 }
 
 impl Default for LeaseSection {
@@ -119,6 +128,8 @@ impl Default for LeaseSection {
             login_window: defaults::login_window(),
             reap_interval: defaults::reap_interval(),
             bind_to_svid: defaults::bind_to_svid(),
+            issue_rate_per_identity: defaults::issue_rate(),
+            issue_burst_per_identity: defaults::issue_burst(),
         }
     }
 }
@@ -180,6 +191,15 @@ mod defaults {
     }
     pub fn bind_to_svid() -> bool {
         true
+    }
+    pub fn max_connections() -> usize {
+        1000
+    }
+    pub fn issue_rate() -> f64 {
+        10.0
+    }
+    pub fn issue_burst() -> u32 {
+        50
     }
 }
 
@@ -274,6 +294,8 @@ pub struct LeaseSettings {
     pub reap_interval: Duration,
     /// Cap session leases at the client certificate's expiry.
     pub bind_to_svid: bool,
+    pub issue_rate_per_identity: f64,
+    pub issue_burst_per_identity: u32,
 }
 
 /// The admin API's listener and who may use it.
@@ -298,6 +320,7 @@ impl fmt::Debug for AdminSettings {
 pub struct Settings {
     pub listen: SocketAddr,
     pub handshake_timeout: Duration,
+    pub max_connections: usize,
     pub server_tls: Arc<rustls::ServerConfig>,
     pub svid_verifier: Arc<SvidVerifier>,
     pub upstream: UpstreamSettings,
@@ -489,6 +512,20 @@ impl Settings {
         if file.lease.login_window.is_zero() {
             problems.add("lease.login_window", "must be longer than 0s, e.g. \"60s\"");
         }
+        if file.listen.max_connections == 0 {
+            problems.add("listen.max_connections", "must be at least 1");
+        }
+        if !(file.lease.issue_rate_per_identity > 0.0
+            && file.lease.issue_rate_per_identity.is_finite())
+        {
+            problems.add(
+                "lease.issue_rate_per_identity",
+                "must be a positive number of new leases per second, e.g. 10",
+            );
+        }
+        if file.lease.issue_burst_per_identity == 0 {
+            problems.add("lease.issue_burst_per_identity", "must be at least 1");
+        }
         if file.lease.reap_interval.is_zero() {
             problems.add(
                 "lease.reap_interval",
@@ -633,6 +670,7 @@ impl Settings {
                 Ok(Settings {
                     listen,
                     handshake_timeout: file.listen.handshake_timeout,
+                    max_connections: file.listen.max_connections,
                     server_tls,
                     svid_verifier,
                     upstream: UpstreamSettings {
@@ -662,6 +700,8 @@ impl Settings {
                         login_window: file.lease.login_window,
                         reap_interval: file.lease.reap_interval,
                         bind_to_svid: file.lease.bind_to_svid,
+                        issue_rate_per_identity: file.lease.issue_rate_per_identity,
+                        issue_burst_per_identity: file.lease.issue_burst_per_identity,
                     },
                     admin,
                     audit_path: file.audit.path.as_ref().map(|p| base.join(p)),

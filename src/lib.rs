@@ -29,6 +29,7 @@ pub mod dev;
 pub mod front_door;
 pub mod identity;
 pub mod leases;
+pub mod limits;
 pub mod policy;
 pub mod protocol;
 pub mod refusal;

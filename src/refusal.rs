@@ -57,6 +57,14 @@ pub enum Refusal {
     },
     #[error("{0}")]
     Upstream(UpstreamError),
+    #[error("too many connections: Ephemera relays at most {limit} sessions at once (listen.max_connections)")]
+    TooManyConnections { limit: usize },
+    #[error("identity {identity} is creating sessions too fast: at most {burst} at once and {rate} per second (lease.issue_rate_per_identity)")]
+    RateLimited {
+        identity: SpiffeId,
+        rate: f64,
+        burst: u32,
+    },
 }
 
 impl Refusal {
@@ -81,6 +89,9 @@ impl Refusal {
             Refusal::Mint { .. } => REJECTED_CONNECTION,
             Refusal::Upstream(UpstreamError::Refused { .. }) => REJECTED_CONNECTION,
             Refusal::Upstream(_) => CONNECTION_FAILURE,
+            Refusal::TooManyConnections { .. } | Refusal::RateLimited { .. } => {
+                TOO_MANY_CONNECTIONS
+            }
         }
     }
 
@@ -99,6 +110,8 @@ impl Refusal {
             Refusal::Replication => "replication",
             Refusal::Mint { .. } => "mint_failed",
             Refusal::Upstream(_) => "upstream",
+            Refusal::TooManyConnections { .. } => "too_many_connections",
+            Refusal::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -119,6 +132,9 @@ impl Refusal {
                 "This is not caused by your connection settings; retry later or ask the Ephemera operator to check its log."
                     .to_owned(),
             ),
+            Refusal::TooManyConnections { .. } | Refusal::RateLimited { .. } => {
+                Some("Retry in a moment; reuse connections (a pool) instead of opening one per request.".to_owned())
+            }
             _ => None,
         }
     }

@@ -36,6 +36,10 @@ pub struct Proxy {
     pub upstream: UpstreamSettings,
     pub leases: Arc<LeaseManager>,
     pub cancels: Arc<CancelMap>,
+    /// One permit per relayed session (`listen.max_connections`).
+    pub sessions: Arc<tokio::sync::Semaphore>,
+    pub max_connections: usize,
+    pub issue_limiter: crate::limits::IssueRateLimiter,
 }
 
 impl Proxy {
@@ -162,6 +166,12 @@ impl Server {
             upstream: settings.upstream.clone(),
             leases: leases.clone(),
             cancels: CancelMap::new(),
+            sessions: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
+            max_connections: settings.max_connections,
+            issue_limiter: crate::limits::IssueRateLimiter::new(
+                settings.lease.issue_rate_per_identity,
+                settings.lease.issue_burst_per_identity,
+            ),
         });
         let admin = match (settings.admin, admin_listener) {
             (Some(admin), Some(listener)) => Some(AdminServer::new(

@@ -42,6 +42,13 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
     } = admitted;
     let identity = svid.id;
 
+    let Ok(_session_permit) = proxy.sessions.clone().try_acquire_owned() else {
+        let refusal = Refusal::TooManyConnections {
+            limit: proxy.max_connections,
+        };
+        return refuse(stream, refusal, peer).await;
+    };
+
     let requested_template = startup.parameters.get("user").cloned();
     let request = match decide(&proxy.rules(), &identity, startup) {
         Ok(request) => request,
@@ -50,6 +57,16 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
             return refuse_and_audit(&proxy, stream, refusal, peer, who, requested_template).await;
         }
     };
+
+    if !proxy.issue_limiter.try_take(identity.as_str()) {
+        let refusal = Refusal::RateLimited {
+            identity: identity.clone(),
+            rate: proxy.issue_limiter.rate(),
+            burst: proxy.issue_limiter.burst(),
+        };
+        let who = Some(identity.to_string());
+        return refuse_and_audit(&proxy, stream, refusal, peer, who, Some(request.template)).await;
+    }
 
     let mut lease = match proxy
         .leases

@@ -86,6 +86,9 @@ pub struct ProxyOptions {
     /// Serve the admin API for [`ADMIN_ID`] on this address (`127.0.0.1:0`
     /// for a random port).
     pub admin_listen: Option<String>,
+    /// Extra TOML lines for the `[listen]` and `[lease]` sections.
+    pub listen_extra: String,
+    pub lease_extra: String,
 }
 
 impl ProxyOptions {
@@ -98,6 +101,8 @@ impl ProxyOptions {
             template_extra: String::new(),
             reap_interval: "10s",
             admin_listen: None,
+            listen_extra: String::new(),
+            lease_extra: String::new(),
         }
     }
 }
@@ -154,6 +159,7 @@ impl ProxyFiles {
 [listen]
 address = "{listen}"
 handshake_timeout = "{handshake_timeout}"
+{listen_extra}
 
 [tls]
 cert = "server.pem"
@@ -174,6 +180,7 @@ pool_size = 2
 [lease]
 login_window = "{login_window}"
 reap_interval = "{reap_interval}"
+{lease_extra}
 
 [audit]
 path = "audit.jsonl"
@@ -185,6 +192,8 @@ path = "audit.jsonl"
             login_window = options.login_window,
             handshake_timeout = options.handshake_timeout,
             reap_interval = options.reap_interval,
+            listen_extra = options.listen_extra,
+            lease_extra = options.lease_extra,
         );
         if let Some(admin_listen) = &options.admin_listen {
             toml.push_str(&format!(
