@@ -102,6 +102,21 @@ async fn bad_identities_are_refused_with_28000_and_create_nothing() {
             Some(ca.svid_https_uri("spiffe://example.org/ns/prod%2Fsa/billing")),
             "not a valid SPIFFE ID",
         ),
+        (
+            "empty path segment",
+            Some(ca.svid_https_uri("spiffe://example.org/ns//billing")),
+            "not a valid SPIFFE ID",
+        ),
+        (
+            "2 048-byte path",
+            Some(ca.svid_https_uri(&format!("spiffe://example.org/{}", "a".repeat(2048)))),
+            "not a valid SPIFFE ID",
+        ),
+        (
+            "self-signed",
+            Some(common::pki::self_signed_svid(BILLING_ID)),
+            "not signed by a CA",
+        ),
     ];
     for (case, cert, expected) in cases {
         let (code, message, hint) = refused(&proxy, cert.as_ref(), template, DATABASE).await;
@@ -141,6 +156,24 @@ async fn policy_refusals_name_the_identity_and_the_alternatives() {
     assert_eq!(code, "28000");
     assert!(message.contains("no_such_template"), "{message}");
     assert!(hint.contains("r_policy, r_policy_other"), "{hint}");
+
+    // A template name crafted to inject SQL is just an unknown template.
+    let injection = "x\"; DROP ROLE postgres; --";
+    let (code, message, _) =
+        refused(&proxy, Some(&proxy.svid(BILLING_ID)), injection, DATABASE).await;
+    assert_eq!(code, "28000");
+    assert!(message.contains("no role template named"), "{message}");
+    let still_there: i64 = common::cluster()
+        .superuser("postgres")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'postgres'",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(still_there, 1);
 
     let (code, message, hint) =
         refused(&proxy, Some(&proxy.svid(BILLING_ID)), template, "postgres").await;

@@ -417,3 +417,20 @@ pub(crate) fn write_private(path: &Path, contents: &[u8]) {
     file.write_all(contents)
         .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
+
+/// A self-signed certificate that otherwise looks like an X.509-SVID for
+/// `spiffe_id` (no CA vouches for it).
+pub fn self_signed_svid(spiffe_id: &str) -> TestCert {
+    let key = KeyPair::generate().expect("rcgen can always generate a P-256 key");
+    let cert = svid_params(spiffe_id)
+        .self_signed(&key)
+        .expect("a self-signed certificate from valid parameters");
+    TestCert {
+        label: format!("self-signed svid {spiffe_id}"),
+        cert_pem: cert.pem(),
+        chain_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_der: cert.der().clone(),
+        key_der: key.serialize_der(),
+    }
+}
