@@ -90,8 +90,9 @@ pub struct Server {
     revoke_standalone_on_shutdown: bool,
 }
 
-/// Reloads templates and policy from the configuration file (SIGHUP).
-/// Listeners, TLS and the upstream are not reloaded: restart for those.
+/// Reloads templates, policy and the upstream admin credentials from the
+/// configuration file (SIGHUP). Listeners and TLS are not reloaded: restart
+/// for those.
 #[derive(Clone)]
 pub struct Reloader {
     source: Option<PathBuf>,
@@ -105,6 +106,9 @@ impl Reloader {
             return Ok(());
         };
         let settings = Settings::load(path)?;
+        // A rotated admin password (or other connection settings) applies
+        // to new admin connections from now on.
+        self.engine.set_admin(settings.engine.admin.clone());
         self.engine
             .set_templates(settings.engine.templates)
             .map_err(|e| ConfigErrors {

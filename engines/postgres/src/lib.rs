@@ -17,7 +17,7 @@ pub mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -58,7 +58,8 @@ pub struct PostgresEngineConfig {
 }
 
 pub struct PostgresEngine {
-    admin: AdminConnection,
+    /// Replaceable (SIGHUP), e.g. after the admin password was rotated.
+    admin: RwLock<Arc<AdminConnection>>,
     /// Reloadable (SIGHUP): the proxy swaps in new templates.
     templates: RwLock<HashMap<String, RoleTemplate>>,
     /// One admin pool per database, made on first use: a role's statements
@@ -76,7 +77,7 @@ pub const REAPER_LOCK_KEY: i64 = i64::from_be_bytes(*b"ephemera");
 impl fmt::Debug for PostgresEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresEngine")
-            .field("admin", &self.admin)
+            .field("admin", &self.admin())
             .finish_non_exhaustive()
     }
 }
@@ -85,7 +86,7 @@ impl PostgresEngine {
     /// Set up the engine. Pools connect lazily: nothing is dialled here.
     pub fn new(config: PostgresEngineConfig) -> Result<Self, EngineError> {
         let engine = PostgresEngine {
-            admin: config.admin,
+            admin: RwLock::new(Arc::new(config.admin)),
             templates: RwLock::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             login_window: config.login_window,
@@ -121,12 +122,23 @@ impl PostgresEngine {
             .cloned()
     }
 
+    fn admin(&self) -> Arc<AdminConnection> {
+        self.admin.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Use new admin connection settings (a rotated password): the pools are
+    /// rebuilt on next use. Connections already lent out finish their work.
+    pub fn set_admin(&self, admin: AdminConnection) {
+        *self.admin.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(admin);
+        self.pools.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     fn pool(&self, database: &str) -> Result<Pool, EngineError> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pool) = pools.get(database) {
             return Ok(pool.clone());
         }
-        let pool = admin_pool(&self.admin, database)?;
+        let pool = admin_pool(&self.admin(), database)?;
         pools.insert(database.to_owned(), pool.clone());
         Ok(pool)
     }
@@ -371,7 +383,7 @@ impl Engine for PostgresEngine {
 
     async fn list(&self) -> Result<Vec<Lease>, EngineError> {
         let action = "list the roles in the ledger";
-        let client = self.client(&self.admin.database, action).await?;
+        let client = self.client(&self.admin().database, action).await?;
         let rows = client
             .query(
                 "SELECT rolname::text, pg_catalog.shobj_description(oid, 'pg_authid')
@@ -405,8 +417,9 @@ impl Engine for PostgresEngine {
             }
             *held = None;
         }
-        let tls = MakeRustlsConnect::new((*self.admin.tls.client_config()).clone());
-        let (client, connection) = admin_config(&self.admin, &self.admin.database)
+        let admin = self.admin();
+        let tls = MakeRustlsConnect::new((*admin.tls.client_config()).clone());
+        let (client, connection) = admin_config(&admin, &admin.database)
             .connect(tls)
             .await
             .map_err(|e| db_error(action, e))?;
