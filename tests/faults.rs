@@ -14,6 +14,8 @@ use common::proxy::{
 use common::{cluster, make_tls_connect};
 use ephemera::dev::cluster::{server_user, LocalCluster, Running};
 
+const SUPERUSER_PASSWORD: &str = "restartable-superuser-pw";
+
 /// A second PostgreSQL we may stop and start, set up like the shared one
 /// (same admin role and password, same group, same server CA).
 struct Restartable {
@@ -50,20 +52,7 @@ impl Restartable {
             _dir: dir,
         };
         this.start().await;
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("localhost")
-            .hostaddr("127.0.0.1".parse().expect("ip"))
-            .port(this.port)
-            .user("postgres")
-            .password(superuser)
-            .dbname("postgres")
-            .ssl_mode(tokio_postgres::config::SslMode::Require);
-        let (client, connection) = config
-            .connect(make_tls_connect(cluster().ca_pem(), None))
-            .await
-            .expect("superuser connects");
-        tokio::spawn(connection);
+        let client = this.superuser().await;
         let verifier = postgres_protocol::password::scram_sha_256(admin_password.as_bytes());
         client
             .batch_execute(&format!(
@@ -76,6 +65,24 @@ impl Restartable {
             .await
             .expect("database");
         this
+    }
+
+    async fn superuser(&self) -> tokio_postgres::Client {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("localhost")
+            .hostaddr("127.0.0.1".parse().expect("ip"))
+            .port(self.port)
+            .user("postgres")
+            .password(SUPERUSER_PASSWORD)
+            .dbname("postgres")
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        let (client, connection) = config
+            .connect(make_tls_connect(cluster().ca_pem(), None))
+            .await
+            .expect("superuser connects");
+        tokio::spawn(connection);
+        client
     }
 
     async fn start(&mut self) {
@@ -170,20 +177,7 @@ async fn the_upstream_going_away_and_back() {
     // down) is dropped now that it is back.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("localhost")
-            .hostaddr("127.0.0.1".parse().expect("ip"))
-            .port(db.port)
-            .user("postgres")
-            .password("restartable-superuser-pw")
-            .dbname("postgres")
-            .ssl_mode(tokio_postgres::config::SslMode::Require);
-        let (admin, connection) = config
-            .connect(make_tls_connect(cluster().ca_pem(), None))
-            .await
-            .expect("superuser");
-        tokio::spawn(connection);
+        let admin = db.superuser().await;
         let roles: Vec<String> = admin
             .query(
                 "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)",
