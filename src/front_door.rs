@@ -80,6 +80,9 @@ pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Optio
         Ok(FirstPacket::Startup(startup)) => startup,
         Ok(FirstPacket::Cancel(key)) => {
             proxy.cancel(key, peer).await;
+            // End TLS properly (close_notify): libpq 17+ sends cancels over
+            // TLS and OpenSSL reports a bare TCP close as an error.
+            let _ = tls.shutdown().await;
             return None;
         }
         Ok(FirstPacket::SslRequest) | Ok(FirstPacket::GssEncRequest) => {

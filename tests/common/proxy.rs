@@ -268,7 +268,11 @@ pub struct TestProxy {
 
 impl TestProxy {
     pub async fn start(options: ProxyOptions) -> TestProxy {
-        let files = ProxyFiles::write(&options, "127.0.0.1:0").await;
+        TestProxy::serve(ProxyFiles::write(&options, "127.0.0.1:0").await).await
+    }
+
+    /// Serve the configuration in `files` until shut down.
+    pub async fn serve(files: ProxyFiles) -> TestProxy {
         let settings = Settings::load(&files.config_path).unwrap_or_else(|e| panic!("{e}"));
         let server = Server::bind(settings).await.expect("the proxy binds");
         let addr = server.local_addr();
@@ -448,4 +452,16 @@ pub fn signal(child: &tokio::process::Child, signal: i32) {
     let pid = child.id().expect("the child is running") as i32;
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(pid, signal) };
+}
+
+/// Like [`TestProxy::start`], with `extra_toml` appended to `config.toml`
+/// before the proxy loads it (e.g. more `[[policy]]` rules or templates).
+pub async fn start_proxy_with_extra_config(options: ProxyOptions, extra_toml: &str) -> TestProxy {
+    let files = ProxyFiles::write(&options, "127.0.0.1:0").await;
+    let mut config = std::fs::read_to_string(&files.config_path).expect("reading config.toml");
+    config.push('\n');
+    config.push_str(extra_toml);
+    config.push('\n');
+    std::fs::write(&files.config_path, config).expect("writing config.toml");
+    TestProxy::serve(files).await
 }
