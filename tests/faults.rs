@@ -172,6 +172,7 @@ async fn the_upstream_going_away_and_back() {
         served_after < Duration::from_secs(1),
         "served again after {served_after:?}"
     );
+    eprintln!("faults: served again {served_after:?} after the upstream returned");
 
     // The broken session's role (revoke retried while the upstream was
     // down) is dropped now that it is back.
@@ -307,11 +308,16 @@ async fn kill_9_during_a_storm_of_500_connecting_sessions_leaks_nothing() {
     storm.abort_all();
 
     let mut second = spawn_binary(&files.config_path, &listen, None, &[]).await;
+    let restarted = Instant::now();
     // ttl (3 s) + reap_interval (1 s), plus slack for a loaded machine.
     assert!(
         wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await,
         "left: {:?}",
         roles_with_prefix(&role_prefix(template)).await
+    );
+    eprintln!(
+        "faults: storm roles all reaped {:?} after the restart",
+        restarted.elapsed()
     );
     signal(&second, libc::SIGTERM);
     second.wait().await.expect("exits");

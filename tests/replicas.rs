@@ -68,6 +68,10 @@ async fn a_second_replica_takes_over_reaping_when_the_first_dies() {
         "the survivor takes over reaping"
     );
     assert!(killed.elapsed() < Duration::from_secs(5));
+    eprintln!(
+        "replicas: the survivor reaped {:?} after the leader was killed",
+        killed.elapsed()
+    );
     let (files, mut survivor) = replicas.pop().expect("the other replica");
     assert!(reaped_by(&files, &second));
     signal(&survivor, libc::SIGTERM);
