@@ -15,6 +15,8 @@ use ephemera::admin::api::{LeaseFilter, RevokeRequest};
 use ephemera::admin_client::AdminClientError;
 use ephemera_engine::LeaseState;
 
+const REVOKEE_ID: &str = "spiffe://example.org/ns/prod/sa/revokee";
+
 fn admin_options(templates: &[&str]) -> ProxyOptions {
     let mut options = ProxyOptions::templates(templates);
     options.admin_listen = Some("127.0.0.1:0".into());
@@ -75,9 +77,15 @@ async fn ttl_renews_a_live_session_until_max_ttl_ends_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_by_identity_kills_the_session_and_drops_the_role() {
     let template = "l_revoke";
-    let proxy = TestProxy::start(admin_options(&[template])).await;
+    // An identity of its own: revoking by identity acts on the whole ledger,
+    // and other tests in this binary hold leases of BILLING_ID.
+    let proxy = common::proxy::start_proxy_with_extra_config(
+        admin_options(&[template]),
+        &format!("[[policy]]\nspiffe_id = \"{REVOKEE_ID}\"\ntemplates = [\"{template}\"]"),
+    )
+    .await;
     let client = proxy
-        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
+        .connect(Some(&proxy.svid(REVOKEE_ID)), template, DATABASE)
         .await
         .expect("connects");
     let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
@@ -89,7 +97,7 @@ async fn revoke_by_identity_kills_the_session_and_drops_the_role() {
     }
     let revoked = admin
         .revoke(RevokeRequest {
-            identity: Some(BILLING_ID.into()),
+            identity: Some(REVOKEE_ID.into()),
             ..Default::default()
         })
         .await
