@@ -142,24 +142,50 @@ pub fn decode_first_packet(mut packet: BytesMut) -> Result<FirstPacket, Protocol
             if major != 3 {
                 return Err(ProtocolError::UnsupportedVersion(major, minor));
             }
-            if packet[len - 1] != 0 {
-                return Err(ProtocolError::Malformed(
-                    "StartupMessage (not NUL-terminated)",
-                ));
-            }
-            let count = packet[8..].iter().filter(|&&b| b == 0).count() / 2;
-            if count > MAX_STARTUP_PARAMETERS {
-                return Err(ProtocolError::TooManyParameters);
-            }
-            let startup = Startup::decode(&mut packet, &context)
-                .map_err(|_| ProtocolError::Malformed("StartupMessage"))?
-                .ok_or(ProtocolError::Malformed("StartupMessage"))?;
+            let parameters = decode_startup_parameters(&packet[8..])?;
             Ok(FirstPacket::Startup(StartupRequest {
-                minor_version: startup.protocol_number_minor,
-                parameters: startup.parameters,
+                minor_version: minor,
+                parameters,
             }))
         }
     }
+}
+
+/// The body of a protocol-3 `StartupMessage`: `(name\0 value\0)* \0`, and
+/// exactly that, as PostgreSQL reads it: every name has a value, names are
+/// not empty, the list ends with a NUL that is the packet's last byte, and
+/// nothing follows it. At most [`MAX_STARTUP_PARAMETERS`] pairs. Bytes that
+/// are not UTF-8 are replaced (U+FFFD), so a name or value never holds a NUL.
+fn decode_startup_parameters(body: &[u8]) -> Result<BTreeMap<String, String>, ProtocolError> {
+    const LAYOUT: &str = "StartupMessage (expected name/value pairs ending with a NUL byte)";
+    let mut parameters = BTreeMap::new();
+    let mut pairs = 0usize;
+    let mut rest = body;
+    loop {
+        match rest {
+            [0] => return Ok(parameters),
+            [] | [0, ..] => return Err(ProtocolError::Malformed(LAYOUT)),
+            _ => {}
+        }
+        let (name, after_name) = split_cstr(rest).ok_or(ProtocolError::Malformed(LAYOUT))?;
+        let (value, after_value) =
+            split_cstr(after_name).ok_or(ProtocolError::Malformed(LAYOUT))?;
+        pairs += 1;
+        if pairs > MAX_STARTUP_PARAMETERS {
+            return Err(ProtocolError::TooManyParameters);
+        }
+        parameters.insert(
+            String::from_utf8_lossy(name).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        );
+        rest = after_value;
+    }
+}
+
+/// Split `bytes` at its first NUL: the string before it and what follows.
+fn split_cstr(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = bytes.iter().position(|&b| b == 0)?;
+    Some((&bytes[..nul], &bytes[nul + 1..]))
 }
 
 /// SQLSTATE codes the front door uses.

@@ -537,16 +537,14 @@ proptest! {
     }
 }
 
-// ----------------------------------------------------- known bugs (reported)
+// ------------------------------------------- found by the fuzzer (fixed)
 
 /// A StartupMessage whose last parameter name has no value and no list
-/// terminator (`...k64\0`) is accepted, which PostgreSQL refuses ("expected
-/// terminator as last byte"), and it slips a 65th parameter past
-/// MAX_STARTUP_PARAMETERS (the limit counts NULs / 2). Found by
-/// `fuzz/fuzz_targets/first_packet.rs`. Likewise bytes after the terminator
-/// (`user\0x\0\0junk\0`) are ignored where PostgreSQL refuses the packet.
+/// terminator (`...k64\0`) must be refused, as PostgreSQL does ("expected
+/// terminator as last byte"); it once slipped a 65th parameter past
+/// MAX_STARTUP_PARAMETERS. Likewise bytes after the terminator
+/// (`user\0x\0\0junk\0`). Found by `fuzz/fuzz_targets/first_packet.rs`.
 #[test]
-#[ignore = "known bug in src/protocol.rs, reported; un-ignore once fixed"]
 fn unterminated_startup_packets_are_refused() {
     let mut body: Vec<u8> = (0..MAX_STARTUP_PARAMETERS)
         .flat_map(|i| format!("k{i}\0v\0").into_bytes())
@@ -566,7 +564,7 @@ fn unterminated_startup_packets_are_refused() {
     let decoded = decode_first_packet(packet);
     assert!(decoded.is_err(), "{decoded:?}");
 
-    // Bytes after the terminator are ignored instead of refused.
+    // Bytes after the terminator.
     let body = b"user\0x\0\0junk\0";
     let mut packet = BytesMut::new();
     packet.put_i32(8 + body.len() as i32);

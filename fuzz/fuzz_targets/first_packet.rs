@@ -36,15 +36,6 @@ fn now<F: Future>(future: F) -> F::Output {
     }
 }
 
-/// Known deviations from PostgreSQL's startup-packet layout rules, reported
-/// to the lead and not fixed yet (see SECURITY.md, "Fuzzing"): Ephemera
-/// accepts a StartupMessage whose last parameter has no value and no list
-/// terminator (`...k64\0`), or with bytes after the terminator
-/// (`user\0x\0\0junk\0`), and the first lets a 65th parameter past
-/// `MAX_STARTUP_PARAMETERS`. Set to `true` once fixed: the target then
-/// demands exactly PostgreSQL's rule.
-const STRICT_STARTUP_LAYOUT: bool = false;
-
 /// PostgreSQL's reading of a protocol-3 StartupMessage body (after the
 /// 8-byte header): `(name\0 value\0)* \0`, the terminator being the last
 /// byte. None if PostgreSQL would refuse the layout.
@@ -119,14 +110,9 @@ fn check_accepted(packet: &[u8], decoded: &FirstPacket) {
                     assert!(parameters.len() <= MAX_STARTUP_PARAMETERS);
                     assert_eq!(startup.parameters, lossy_map(&parameters));
                 }
-                None => {
-                    if STRICT_STARTUP_LAYOUT {
-                        panic!("accepted a startup packet PostgreSQL refuses: {startup:?}");
-                    }
-                }
+                None => panic!("accepted a startup packet PostgreSQL refuses: {startup:?}"),
             }
-            let limit = MAX_STARTUP_PARAMETERS + usize::from(!STRICT_STARTUP_LAYOUT);
-            assert!(startup.parameters.len() <= limit);
+            assert!(startup.parameters.len() <= MAX_STARTUP_PARAMETERS);
             // Re-encode what was understood: it must decode to the same map.
             let pairs: Vec<(&str, &str)> = startup
                 .parameters
