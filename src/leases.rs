@@ -788,7 +788,7 @@ impl LeaseManager {
             .map(|l| (now - l.expires_at).as_seconds_f64())
             .fold(0.0, f64::max);
         metrics::gauge!(telemetry::REAPER_LAG_SECONDS).set(lag);
-        let mut started = 0;
+        let mut claimed = Vec::new();
         for lease in expired {
             let mut registry = self.lock();
             if registry.active.remove(&lease.id).is_some()
@@ -797,11 +797,36 @@ impl LeaseManager {
                 registry.reaping.insert(lease.role.clone());
                 drop(registry);
                 self.record_ended(&lease, &EndReason::Reaped);
-                self.spawn_revoke(lease, EndReason::Reaped);
-                started += 1;
+                claimed.push(lease);
             }
         }
+        let started = claimed.len();
+        if started > 0 {
+            self.spawn_reap(claimed);
+        }
         Ok(started)
+    }
+
+    /// Revoke what a scan found expired, in batches (the engine's
+    /// `revoke_many`); a lease whose batch and own retry both failed goes on
+    /// retrying alone, like any other revocation.
+    fn spawn_reap(&self, leases: Vec<Lease>) {
+        let manager = self.self_handle();
+        self.revocations.spawn(async move {
+            let count = leases.len() as i64;
+            manager.pending(count);
+            let outcomes = manager.engine.revoke_many(&leases).await;
+            for (lease, outcome) in leases.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(outcome) => manager.finished(&lease, &EndReason::Reaped, outcome),
+                    Err(error) => {
+                        manager.revoke_failed(&lease, &error);
+                        manager.spawn_revoke(lease, EndReason::Reaped);
+                    }
+                }
+            }
+            manager.pending(-count);
+        });
     }
 
     /// An `Arc` to self for spawned tasks (the manager only exists inside

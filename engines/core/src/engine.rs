@@ -87,6 +87,17 @@ pub trait Engine: Send + Sync + 'static {
 
     async fn revoke(&self, lease: &Lease) -> Result<RevokeOutcome, EngineError>;
 
+    /// Revoke several leases (the reaper's path): one result per lease, in
+    /// order, each as [`Engine::revoke`] would give it. Engines may batch;
+    /// this default revokes one by one.
+    async fn revoke_many(&self, leases: &[Lease]) -> Vec<Result<RevokeOutcome, EngineError>> {
+        let mut results = Vec::with_capacity(leases.len());
+        for lease in leases {
+            results.push(self.revoke(lease).await);
+        }
+        results
+    }
+
     /// Every lease the backend itself records (the ledger), whoever issued it.
     async fn list(&self) -> Result<Vec<Lease>, EngineError>;
 

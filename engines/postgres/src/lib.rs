@@ -281,6 +281,20 @@ fn drop_role_sql(
     role: &Quoted,
     database: &str,
 ) -> Result<String, sql::Unquotable> {
+    let mut sql = revocation_sql(template, role, database)?;
+    // Drops what is left and revokes privileges granted to the role directly,
+    // which would otherwise block DROP ROLE.
+    sql.push_str(&format!("DROP OWNED BY {role};\nDROP ROLE {role};\n"));
+    Ok(sql)
+}
+
+/// The template's revocation statements and its `REASSIGN OWNED`, for one
+/// role: what comes before `DROP OWNED` / `DROP ROLE`.
+fn revocation_sql(
+    template: Option<&RoleTemplate>,
+    role: &Quoted,
+    database: &str,
+) -> Result<String, sql::Unquotable> {
     let mut sql = String::with_capacity(512);
     if let Some(template) = template {
         for statement in &template.revocation_statements {
@@ -294,9 +308,57 @@ fn drop_role_sql(
             ));
         }
     }
-    // Drops what is left and revokes privileges granted to the role directly,
-    // which would otherwise block DROP ROLE.
-    sql.push_str(&format!("DROP OWNED BY {role};\nDROP ROLE {role};\n"));
+    Ok(sql)
+}
+
+/// How many roles the reaper drops in one transaction. Measured on a fresh
+/// cluster (BENCHMARKS.md): 10 000 roles in 0.76 s at 100 per transaction,
+/// against 4.4 s one per transaction.
+pub const REVOKE_BATCH: usize = 100;
+
+/// Terminate every backend of `roles` (quoted identifiers).
+fn terminate_backends_sql(roles: &[Quoted]) -> Result<String, sql::Unquotable> {
+    let oids = roles
+        .iter()
+        .map(|role| {
+            Ok(format!(
+                "{}::pg_catalog.regrole",
+                quote_literal(role.as_str())?
+            ))
+        })
+        .collect::<Result<Vec<_>, sql::Unquotable>>()?
+        .join(", ");
+    Ok(format!(
+        "SELECT pg_catalog.pg_terminate_backend(s.pid) FROM pg_catalog.pg_stat_get_activity(NULL) s \
+         WHERE s.usesysid IN ({oids});\n"
+    ))
+}
+
+/// Revoke `leases` (all in one database) in one transaction: what
+/// [`Engine::revoke`] does for one role, for all of them at once.
+fn revoke_batch_sql(
+    leases: &[&Lease],
+    template: impl Fn(&str) -> Option<RoleTemplate>,
+) -> Result<String, sql::Unquotable> {
+    let roles = leases
+        .iter()
+        .map(|lease| quote_ident(&lease.role))
+        .collect::<Result<Vec<_>, _>>()?;
+    let list = roles
+        .iter()
+        .map(Quoted::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut sql = format!("GRANT {list} TO CURRENT_USER;\n");
+    sql.push_str(&terminate_backends_sql(&roles)?);
+    for (lease, role) in leases.iter().zip(&roles) {
+        sql.push_str(&revocation_sql(
+            template(&lease.template).as_ref(),
+            role,
+            &lease.database,
+        )?);
+    }
+    sql.push_str(&format!("DROP OWNED BY {list};\nDROP ROLE {list};\n"));
     Ok(sql)
 }
 
@@ -449,12 +511,8 @@ impl Engine for PostgresEngine {
         // earlier do not grant the creator any); it vanishes with DROP ROLE.
         // pg_stat_get_activity by role oid avoids the pg_stat_activity view's
         // joins (~0.9 ms per revoke, measured in BENCHMARKS.md).
-        let mut sql = format!(
-            "GRANT {role} TO CURRENT_USER;\n\
-             SELECT pg_catalog.pg_terminate_backend(s.pid) FROM pg_catalog.pg_stat_get_activity(NULL) s \
-             WHERE s.usesysid = {}::pg_catalog.regrole;\n",
-            quote_literal(role.as_str()).map_err(unquotable)?
-        );
+        let mut sql = format!("GRANT {role} TO CURRENT_USER;\n");
+        sql.push_str(&terminate_backends_sql(std::slice::from_ref(&role)).map_err(unquotable)?);
         sql.push_str(
             &drop_role_sql(
                 self.template(&lease.template).as_ref(),
@@ -473,6 +531,54 @@ impl Engine for PostgresEngine {
             }
             Err(e) => Err(db_error(action, e)),
         }
+    }
+
+    /// Batches of [`REVOKE_BATCH`] roles per database, one transaction each.
+    /// A batch fails as a whole (a role already dropped elsewhere, a
+    /// revocation statement's error); its roles are then revoked one by
+    /// one, so each gets its own outcome.
+    async fn revoke_many(&self, leases: &[Lease]) -> Vec<Result<RevokeOutcome, EngineError>> {
+        let mut by_database: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (index, lease) in leases.iter().enumerate() {
+            by_database.entry(&lease.database).or_default().push(index);
+        }
+        let mut results: Vec<Option<Result<RevokeOutcome, EngineError>>> =
+            leases.iter().map(|_| None).collect();
+        for (database, indexes) in by_database {
+            for chunk in indexes.chunks(REVOKE_BATCH) {
+                let batch: Vec<&Lease> = chunk.iter().map(|&i| &leases[i]).collect();
+                match self.revoke_batch(database, &batch).await {
+                    Ok(()) => {
+                        for &i in chunk {
+                            results[i] = Some(Ok(RevokeOutcome::Revoked));
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, roles = chunk.len(),
+                            "batched revoke failed; revoking these roles one by one");
+                        for &i in chunk {
+                            results[i] = Some(self.revoke(&leases[i]).await);
+                        }
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|result| result.expect("every lease is in one chunk"))
+            .collect()
+    }
+}
+
+impl PostgresEngine {
+    async fn revoke_batch(&self, database: &str, leases: &[&Lease]) -> Result<(), EngineError> {
+        let action = "revoke a batch of roles";
+        let sql = revoke_batch_sql(leases, |name| self.template(name)).map_err(unquotable)?;
+        let client = self.client(database, action).await?;
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| db_error(action, e))
     }
 }
 
@@ -535,6 +641,54 @@ mod tests {
         );
         assert!(sql.contains("it''s"), "{sql}");
         assert!(sql.contains("GRANT CONNECT ON DATABASE \"billing\" TO \"eph_billing_rw_x\";"));
+    }
+
+    #[test]
+    fn a_revoke_batch_is_one_grant_one_terminate_and_one_drop() {
+        let template = RoleTemplate {
+            name: "t".into(),
+            database: "billing".into(),
+            member_of: vec![],
+            owner: Some("app_owner".into()),
+            creation_statements: vec![],
+            revocation_statements: vec!["REVOKE ALL ON SCHEMA s FROM {{name}}".into()],
+        };
+        let now = OffsetDateTime::now_utc();
+        let lease = |role: &str| Lease {
+            id: uuid_for_test(),
+            engine: "postgres",
+            kind: LeaseKind::Session,
+            template: "t".into(),
+            role: role.into(),
+            identity: "spiffe://example.org/a".into(),
+            database: "billing".into(),
+            client_addr: None,
+            issued_at: now,
+            expires_at: now,
+            max_expires_at: now,
+        };
+        let (a, b) = (lease("eph_t_a"), lease("eph_t_\"b"));
+        let sql = revoke_batch_sql(&[&a, &b], |_| Some(template.clone())).unwrap();
+        assert!(
+            sql.starts_with("GRANT \"eph_t_a\", \"eph_t_\"\"b\" TO CURRENT_USER;\n"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(
+                "IN ('\"eph_t_a\"'::pg_catalog.regrole, '\"eph_t_\"\"b\"'::pg_catalog.regrole)"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("REVOKE ALL ON SCHEMA s FROM \"eph_t_\"\"b\";\n"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("REASSIGN OWNED BY \"eph_t_a\" TO \"app_owner\";\n"),
+            "{sql}"
+        );
+        assert!(sql.ends_with("DROP OWNED BY \"eph_t_a\", \"eph_t_\"\"b\";\nDROP ROLE \"eph_t_a\", \"eph_t_\"\"b\";\n"), "{sql}");
+        assert_eq!(sql.matches("GRANT").count(), 1);
     }
 
     fn uuid_for_test() -> ephemera_engine::LeaseId {
