@@ -273,10 +273,26 @@ pub struct UpstreamSettings {
 }
 
 impl UpstreamSettings {
-    /// `host:port`, for messages.
+    /// `host:port`, or the socket file's path, for messages.
     pub fn address(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        match self.unix_socket() {
+            Some(path) => path.display().to_string(),
+            None => format!("{}:{}", self.host, self.port),
+        }
     }
+
+    /// The Unix-domain socket to connect to, if `host` is a directory (as in
+    /// libpq: a host starting with `/` names the directory holding
+    /// `.s.PGSQL.<port>`).
+    pub fn unix_socket(&self) -> Option<PathBuf> {
+        is_unix_socket_dir(&self.host)
+            .then(|| Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port)))
+    }
+}
+
+/// libpq's rule: a host that starts with `/` is a socket directory.
+fn is_unix_socket_dir(host: &str) -> bool {
+    host.starts_with('/')
 }
 
 /// What the proxy needs to know about a template (the engine has the rest).
@@ -467,6 +483,17 @@ impl Settings {
                 None
             }
         };
+        if is_unix_socket_dir(&up.host) && matches!(sslmode, Some(m) if m != SslMode::Disable) {
+            problems.add(
+                "upstream.sslmode",
+                format!(
+                    "upstream.host {:?} is a Unix-domain socket directory, where PostgreSQL \
+                     offers no TLS: set sslmode = \"disable\" (the socket file's permissions \
+                     guard it), or use a TCP host name",
+                    up.host
+                ),
+            );
+        }
         let upstream_ca = if up.ca.is_empty() {
             if sslmode == Some(SslMode::VerifyFull) {
                 problems.add(

@@ -17,7 +17,7 @@ use ephemera_engine_postgres::SslMode;
 use postgres_protocol::message::{backend, frontend};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -31,6 +31,8 @@ const MAX_LOGIN_MESSAGE_LEN: usize = 64 * 1024;
 pub enum UpstreamStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// A Unix-domain socket on the same host (no TLS there).
+    Unix(UnixStream),
 }
 
 impl AsyncRead for UpstreamStream {
@@ -42,6 +44,7 @@ impl AsyncRead for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -55,6 +58,7 @@ impl AsyncWrite for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -62,6 +66,7 @@ impl AsyncWrite for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -69,6 +74,7 @@ impl AsyncWrite for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 
@@ -80,6 +86,7 @@ impl AsyncWrite for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -87,6 +94,7 @@ impl AsyncWrite for UpstreamStream {
         match self {
             UpstreamStream::Plain(s) => s.is_write_vectored(),
             UpstreamStream::Tls(s) => s.is_write_vectored(),
+            UpstreamStream::Unix(s) => s.is_write_vectored(),
         }
     }
 }
@@ -135,6 +143,15 @@ pub struct UpstreamSession {
 /// Open a connection to the upstream, negotiating TLS per `sslmode`.
 pub async fn connect(settings: &UpstreamSettings) -> Result<UpstreamStream, UpstreamError> {
     let address = settings.address();
+    if let Some(path) = settings.unix_socket() {
+        let unix = tokio::time::timeout(settings.connect_timeout, UnixStream::connect(path))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout {
+                address: address.clone(),
+            })?
+            .map_err(|source| UpstreamError::Connect { address, source })?;
+        return Ok(UpstreamStream::Unix(unix));
+    }
     let tcp = tokio::time::timeout(
         settings.connect_timeout,
         TcpStream::connect((settings.host.as_str(), settings.port)),

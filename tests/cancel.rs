@@ -5,7 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::proxy::{psql, ProxyOptions, TestProxy, BILLING_ID, DATABASE};
+use common::proxy::{
+    psql, role_prefix, wait_until_no_roles, ProxyOptions, TestProxy, BILLING_ID, DATABASE,
+};
 use common::{cluster, make_tls_connect};
 
 /// Wait until a `pg_sleep` runs as a role of `template`.
@@ -77,6 +79,38 @@ async fn cancel_over_tls_ends_the_query_and_keeps_the_session() {
     let template = "c_token";
     let proxy = TestProxy::start(ProxyOptions::templates(&[template])).await;
     cancel_over_tls(&proxy, template).await;
+    proxy.shutdown().await;
+}
+
+/// `upstream.host` naming the socket directory: sessions reach PostgreSQL
+/// over the Unix socket (no client address on the backend), cancels still
+/// find their backend, and roles are still dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_upstream_serves_sessions_and_cancels() {
+    let template = "c_unix";
+    let mut options = ProxyOptions::templates(&[template]);
+    options.upstream_unix_socket = true;
+    let proxy = TestProxy::start(options).await;
+    let svid = proxy.svid(BILLING_ID);
+    let client = proxy
+        .connect(Some(&svid), template, DATABASE)
+        .await
+        .expect("connects");
+    let over_unix: bool = client
+        .query_one(
+            "SELECT client_addr IS NULL AND client_port = -1 FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert!(over_unix, "the session's backend was reached over TCP");
+    drop(client);
+    cancel_over_tls(&proxy, template).await;
+    assert!(
+        wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await,
+        "roles are dropped over the Unix socket too"
+    );
     proxy.shutdown().await;
 }
 

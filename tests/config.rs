@@ -61,6 +61,41 @@ templates = ["nope"]
 }
 
 #[test]
+fn a_unix_socket_upstream_needs_sslmode_disable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        r#"
+[listen]
+address = "127.0.0.1:5432"
+[tls]
+cert = "server.pem"
+key = "server-key.pem"
+trust_bundle = "ca.pem"
+trust_domains = ["example.org"]
+[upstream]
+host = "/var/run/postgresql"
+port = 5432
+admin_user = "ephemera_admin"
+admin_password_file = "password"
+sslmode = "require"
+"#,
+    )
+    .expect("write");
+    let errors = Settings::load(&config).expect_err("TLS over a Unix socket is refused");
+    let problem = errors
+        .problems
+        .iter()
+        .find(|p| p.key == "upstream.sslmode")
+        .unwrap_or_else(|| panic!("upstream.sslmode not reported: {errors}"));
+    assert!(
+        problem.to_string().contains("sslmode = \"disable\""),
+        "{problem}"
+    );
+}
+
+#[test]
 fn unknown_keys_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("config.toml");

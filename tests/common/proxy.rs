@@ -78,6 +78,9 @@ pub struct ProxyOptions {
     pub templates: Vec<String>,
     /// Overrides the upstream port (e.g. a closed one).
     pub upstream_port: Option<u16>,
+    /// Reach the upstream over its Unix-domain socket (no TLS) instead of
+    /// TCP with `verify-full`.
+    pub upstream_unix_socket: bool,
     pub login_window: &'static str,
     pub handshake_timeout: &'static str,
     /// Extra TOML appended to every template section.
@@ -96,6 +99,7 @@ impl ProxyOptions {
         ProxyOptions {
             templates: names.iter().map(|s| s.to_string()).collect(),
             upstream_port: None,
+            upstream_unix_socket: false,
             login_window: "60s",
             handshake_timeout: "10s",
             template_extra: String::new(),
@@ -173,8 +177,7 @@ port = {port}
 admin_database = "postgres"
 admin_user = "{ADMIN_USER}"
 admin_password_file = "admin-password"
-sslmode = "verify-full"
-ca = "{upstream_ca}"
+{upstream_tls}
 pool_size = 2
 
 [lease]
@@ -186,9 +189,20 @@ reap_interval = "{reap_interval}"
 path = "audit.jsonl"
 "#,
             bundle = bundle_path.display(),
-            host = c.host(),
+            host = if options.upstream_unix_socket {
+                c.socket_dir().display().to_string()
+            } else {
+                c.host().to_string()
+            },
             port = options.upstream_port.unwrap_or(c.port()),
-            upstream_ca = c.ca_pem_path().display(),
+            upstream_tls = if options.upstream_unix_socket {
+                "sslmode = \"disable\"".to_string()
+            } else {
+                format!(
+                    "sslmode = \"verify-full\"\nca = \"{}\"",
+                    c.ca_pem_path().display()
+                )
+            },
             login_window = options.login_window,
             handshake_timeout = options.handshake_timeout,
             reap_interval = options.reap_interval,
