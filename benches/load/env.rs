@@ -110,6 +110,8 @@ pub struct Clients {
     pub direct: tokio_postgres::Config,
     /// As template `bench` with the SVID, through Ephemera.
     pub ephemera: tokio_postgres::Config,
+    /// The same, through the second Ephemera (Unix-socket upstream).
+    pub ephemera_unix: tokio_postgres::Config,
     /// The superuser, for setup and for looking at `pg_roles`.
     pub superuser: tokio_postgres::Config,
     /// Ephemera's admin role (CREATEROLE), for the Vault-style flow.
@@ -201,12 +203,16 @@ pub struct Env {
     pub bin_dir: PathBuf,
     pub pg_port: u16,
     pub eph_port: u16,
+    /// The second Ephemera: same configuration, but the upstream leg over
+    /// PostgreSQL's Unix-domain socket (a same-host deployment).
+    pub eph_unix_port: u16,
     pub admin_port: u16,
     pub bouncer_port: u16,
     pub superuser_password: String,
     pub direct_password: String,
     pub clients: Clients,
     pub ephemera: Option<Process>,
+    pub ephemera_unix: Option<Process>,
     pub pgbouncer: Option<Process>,
     pub pgbouncer_version: Option<String>,
     pub pg_version: String,
@@ -232,6 +238,7 @@ impl Env {
         crate::stats::Pids {
             postmaster: self.postmaster_pid(),
             ephemera: self.ephemera.as_ref().map(Process::pid),
+            ephemera_unix: self.ephemera_unix.as_ref().map(Process::pid),
             pgbouncer: self.pgbouncer.as_ref().map(Process::pid),
         }
     }
@@ -252,10 +259,19 @@ impl Env {
 
     /// libpq conninfo through Ephemera with the app's SVID.
     pub fn ephemera_conninfo(&self) -> String {
+        self.svid_conninfo(self.eph_port)
+    }
+
+    /// The same through the second Ephemera (Unix-socket upstream).
+    pub fn ephemera_unix_conninfo(&self) -> String {
+        self.svid_conninfo(self.eph_unix_port)
+    }
+
+    fn svid_conninfo(&self, port: u16) -> String {
         let (cert, key) = self.certs.svid(APP);
         format!(
             "host=127.0.0.1 port={} user={TEMPLATE} dbname={DATABASE} sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
-            self.eph_port,
+            port,
             self.ca().display(),
             cert.display(),
             key.display()
@@ -292,12 +308,29 @@ impl Env {
         if let Some(mut old) = self.ephemera.take() {
             old.stop();
         }
+        let process = self.spawn_ephemera("config.toml", &self.ephemera_log(), self.eph_port)?;
+        if !wait_listening(self.admin_port, Duration::from_secs(10), || true) {
+            return Err("ephemera's admin API did not start listening".into());
+        }
+        self.ephemera = Some(process);
+        Ok(())
+    }
+
+    /// Start the second Ephemera (Unix-socket upstream, no admin API).
+    pub fn start_ephemera_unix(&mut self) -> Result<(), Error> {
+        let log = self.dir.join("ephemera").join("ephemera-unix.log");
+        let process = self.spawn_ephemera("config-unix.toml", &log, self.eph_unix_port)?;
+        self.ephemera_unix = Some(process);
+        Ok(())
+    }
+
+    fn spawn_ephemera(&self, config: &str, log_path: &Path, port: u16) -> Result<Process, Error> {
         let dir = self.dir.join("ephemera");
-        let config = dir.join("config.toml");
+        let config = dir.join(config);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.ephemera_log())?;
+            .open(log_path)?;
         // Another build (e.g. a candidate fix) instead of this tree's binary.
         let binary = std::env::var("EPHEMERA_BENCH_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ephemera").to_owned());
@@ -318,26 +351,28 @@ impl Env {
             child,
             grace: Duration::from_secs(30),
         };
-        let up = wait_listening(self.eph_port, Duration::from_secs(30), || {
+        let up = wait_listening(port, Duration::from_secs(30), || {
             matches!(process.child.try_wait(), Ok(None))
-        }) && wait_listening(self.admin_port, Duration::from_secs(10), || true);
+        });
         if !up {
             process.stop();
             return Err(format!(
                 "ephemera did not start listening; see {}",
-                self.ephemera_log().display()
+                log_path.display()
             )
             .into());
         }
-        self.ephemera = Some(process);
-        Ok(())
+        Ok(process)
     }
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
         // Ephemera first: it revokes its leases while PostgreSQL is still up.
-        if let Some(mut p) = self.ephemera.take() {
+        for mut p in [self.ephemera.take(), self.ephemera_unix.take()]
+            .into_iter()
+            .flatten()
+        {
             p.stop();
         }
         if let Some(mut p) = self.pgbouncer.take() {
@@ -480,6 +515,7 @@ pub fn prepare(rt: &tokio::runtime::Runtime, keep: bool) -> Result<Env, Error> {
         c
     };
     let eph_port = free_port();
+    let eph_unix_port = free_port();
     let admin_port = free_port();
     let mut superuser = base_config(pg_port, "postgres", Some(&superuser_password));
     superuser.dbname("postgres");
@@ -490,6 +526,7 @@ pub fn prepare(rt: &tokio::runtime::Runtime, keep: bool) -> Result<Env, Error> {
         svid_tls,
         direct: base_config(pg_port, DIRECT_USER, Some(&direct_password)),
         ephemera: base_config(eph_port, TEMPLATE, None),
+        ephemera_unix: base_config(eph_unix_port, TEMPLATE, None),
         superuser,
         admin,
     };
@@ -501,12 +538,14 @@ pub fn prepare(rt: &tokio::runtime::Runtime, keep: bool) -> Result<Env, Error> {
         bin_dir,
         pg_port,
         eph_port,
+        eph_unix_port,
         admin_port,
         bouncer_port: free_port(),
         superuser_password,
         direct_password,
         clients,
         ephemera: None,
+        ephemera_unix: None,
         pgbouncer: None,
         pgbouncer_version: None,
         pg_version,
@@ -550,6 +589,7 @@ pub fn prepare(rt: &tokio::runtime::Runtime, keep: bool) -> Result<Env, Error> {
         env!("CARGO_BIN_EXE_ephemera")
     );
     env.start_ephemera()?;
+    env.start_ephemera_unix()?;
 
     match ensure_pgbouncer() {
         Ok(bin) => match start_pgbouncer(&env, &bin) {
@@ -589,11 +629,44 @@ fn write_ephemera_config(env: &Env, admin_password: &str) -> Result<(), Error> {
     let dir = env.dir.join("ephemera");
     std::fs::create_dir_all(&dir)?;
     cluster::write_private(&dir.join("admin-password"), admin_password.as_bytes())?;
+    let ca = env.certs.ca();
+    let tcp_upstream = format!(
+        "host = \"127.0.0.1\"\nsslmode = \"{}\"\nca = \"{}\"",
+        std::env::var("EPHEMERA_BENCH_UPSTREAM_SSLMODE").unwrap_or_else(|_| "verify-full".into()),
+        ca.display()
+    );
+    let admin = format!(
+        "[admin]\nlisten = \"127.0.0.1:{}\"\nidentities = [\"{}\"]",
+        env.admin_port, ADMIN.spiffe_id
+    );
+    std::fs::write(
+        dir.join("config.toml"),
+        ephemera_config(env, env.eph_port, &tcp_upstream, &admin, "audit.jsonl"),
+    )?;
+    // PostgreSQL's socket directory is its data directory (LocalCluster).
+    let unix_upstream = format!(
+        "host = \"{}\"\nsslmode = \"disable\"",
+        env.local.data_dir.display()
+    );
+    std::fs::write(
+        dir.join("config-unix.toml"),
+        ephemera_config(
+            env,
+            env.eph_unix_port,
+            &unix_upstream,
+            "",
+            "audit-unix.jsonl",
+        ),
+    )?;
+    Ok(())
+}
+
+fn ephemera_config(env: &Env, port: u16, upstream: &str, admin: &str, audit: &str) -> String {
     let certs = &env.certs;
-    let config = format!(
+    format!(
         r#"# Written by benches/load: the bench's Ephemera.
 [listen]
-address = "127.0.0.1:{eph_port}"
+address = "127.0.0.1:{port}"
 handshake_timeout = "10s"
 # 1 000 idle sessions for the memory scenario, plus headroom.
 max_connections = 2000
@@ -605,13 +678,11 @@ trust_bundle = "{ca}"
 trust_domains = ["ephemera.dev"]
 
 [upstream]
-host = "127.0.0.1"
+{upstream}
 port = {pg_port}
 admin_database = "postgres"
 admin_user = "{ADMIN_USER}"
 admin_password_file = "admin-password"
-sslmode = "{upstream_sslmode}"
-ca = "{ca}"
 pool_size = {pool_size}
 
 [lease]
@@ -624,12 +695,10 @@ reap_interval = "1s"
 issue_rate_per_identity = 1000000.0
 issue_burst_per_identity = 1000000
 
-[admin]
-listen = "127.0.0.1:{admin_port}"
-identities = ["{admin_id}"]
+{admin}
 
 [audit]
-path = "audit.jsonl"
+path = "{audit}"
 
 [templates.{TEMPLATE}]
 database = "{DATABASE}"
@@ -640,19 +709,12 @@ spiffe_id = "{app_id}"
 templates = ["{TEMPLATE}"]
 "#,
         pool_size = std::env::var("EPHEMERA_BENCH_POOL_SIZE").unwrap_or_else(|_| "4".into()),
-        upstream_sslmode = std::env::var("EPHEMERA_BENCH_UPSTREAM_SSLMODE")
-            .unwrap_or_else(|_| "verify-full".into()),
-        eph_port = env.eph_port,
-        admin_port = env.admin_port,
         pg_port = env.pg_port,
         server_cert = certs.server_cert().display(),
         server_key = certs.server_key().display(),
         ca = certs.ca().display(),
-        admin_id = ADMIN.spiffe_id,
         app_id = APP.spiffe_id,
-    );
-    std::fs::write(dir.join("config.toml"), config)?;
-    Ok(())
+    )
 }
 
 fn start_pgbouncer(env: &Env, bin: &Path) -> Result<(Process, String), Error> {

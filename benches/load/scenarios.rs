@@ -68,6 +68,8 @@ async fn first_row(
 pub enum Mode {
     Direct,
     Ephemera,
+    /// Ephemera with its upstream leg over PostgreSQL's Unix socket.
+    EphemeraUnix,
     Vault,
 }
 
@@ -76,6 +78,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct (TLS + SCRAM, client PBKDF2)",
             Mode::Ephemera => "Ephemera (SVID; mint + drop)",
+            Mode::EphemeraUnix => "Ephemera, Unix-socket upstream",
             Mode::Vault => "Vault-style (CREATE ROLE … PASSWORD, then direct)",
         }
     }
@@ -91,6 +94,9 @@ async fn session(
     match mode {
         Mode::Direct => first_row(&clients.direct, &clients.direct_tls, Instant::now()).await,
         Mode::Ephemera => first_row(&clients.ephemera, &clients.svid_tls, Instant::now()).await,
+        Mode::EphemeraUnix => {
+            first_row(&clients.ephemera_unix, &clients.svid_tls, Instant::now()).await
+        }
         Mode::Vault => {
             // What Vault's database secrets engine does for a PostgreSQL role:
             // a plaintext password (hashed by the server at 4 096 iterations),
@@ -146,7 +152,12 @@ impl Samples {
 pub async fn connect(env: &Env, options: &Options, report: &mut Report) -> Result<(), Error> {
     let clients = &env.clients;
     let admin = clients.connect(&clients.admin, &clients.direct_tls).await?;
-    let modes = [Mode::Direct, Mode::Ephemera, Mode::Vault];
+    let modes = [
+        Mode::Direct,
+        Mode::Ephemera,
+        Mode::EphemeraUnix,
+        Mode::Vault,
+    ];
     for mode in modes {
         for _ in 0..10 {
             session(clients, mode, &admin).await?;
@@ -169,12 +180,13 @@ pub async fn connect(env: &Env, options: &Options, report: &mut Report) -> Resul
         done += this;
     }
     report.cpu(
-        "connect, sequential (all three modes)",
+        "connect, sequential (all four modes)",
         CpuSnapshot::settled(&env.pids(), Instant::now()).since(&before),
     );
     let direct = Summary::of(&samples[&Mode::Direct].times);
     let ephemera = Summary::of(&samples[&Mode::Ephemera].times);
     let vault = Summary::of(&samples[&Mode::Vault].times);
+    let unix = Summary::of(&samples[&Mode::EphemeraUnix].times);
     for (mode, s) in &samples {
         if s.errors > 0 {
             report.note(format!(
@@ -192,9 +204,11 @@ pub async fn connect(env: &Env, options: &Options, report: &mut Report) -> Resul
         ephemera: format!("{:.2} ms", ms(ephemera.p50)),
         ratio: ratio(ms(ephemera.p50), ms(direct.p50)),
         other: format!(
-            "Vault-style {:.2} ms ({})",
+            "Vault-style {:.2} ms ({}); Ephemera, Unix-socket upstream {:.2} ms ({})",
             ms(vault.p50),
-            ratio(ms(vault.p50), ms(direct.p50))
+            ratio(ms(vault.p50), ms(direct.p50)),
+            ms(unix.p50),
+            ratio(ms(unix.p50), ms(direct.p50))
         ),
         target: "≤ 1.5× direct and < Vault-style".into(),
         met: Some(met),
@@ -205,9 +219,11 @@ pub async fn connect(env: &Env, options: &Options, report: &mut Report) -> Resul
         ephemera: format!("{:.2} ms", ms(ephemera.p99)),
         ratio: ratio(ms(ephemera.p99), ms(direct.p99)),
         other: format!(
-            "Vault-style {:.2} ms ({})",
+            "Vault-style {:.2} ms ({}); Ephemera, Unix-socket upstream {:.2} ms ({})",
             ms(vault.p99),
-            ratio(ms(vault.p99), ms(direct.p99))
+            ratio(ms(vault.p99), ms(direct.p99)),
+            ms(unix.p99),
+            ratio(ms(unix.p99), ms(direct.p99))
         ),
         target: "(p50 is the target)".into(),
         met: None,
@@ -217,7 +233,7 @@ pub async fn connect(env: &Env, options: &Options, report: &mut Report) -> Resul
     // spends per session.
     let concurrency = 4;
     let mut concurrent: BTreeMap<Mode, (Summary, f64)> = BTreeMap::new();
-    for mode in modes {
+    for mode in [Mode::Direct, Mode::Ephemera, Mode::Vault] {
         let perf = (mode == Mode::Ephemera)
             .then(|| Perf::start(options, "connect-ephemera-4", env.pids().ephemera))
             .flatten();
@@ -458,6 +474,7 @@ pub async fn pgbench(env: &Env, options: &Options, report: &mut Report) -> Resul
     let direct = env.direct_conninfo("verify-full");
     let direct_plain = env.direct_conninfo("disable");
     let ephemera = env.ephemera_conninfo();
+    let ephemera_unix = env.ephemera_unix_conninfo();
     let bouncer_tcp = env.pgbouncer_conninfo("disable");
     let bouncer_tls = env.pgbouncer_conninfo("verify-full");
     let has_bouncer = env.pgbouncer.is_some();
@@ -468,6 +485,12 @@ pub async fn pgbench(env: &Env, options: &Options, report: &mut Report) -> Resul
     let mut runs: Vec<(&str, bool, &str, Option<&str>)> = vec![
         ("-S direct (TLS)", true, &direct, password),
         ("-S Ephemera", true, &ephemera, None),
+        (
+            "-S Ephemera, Unix-socket upstream",
+            true,
+            &ephemera_unix,
+            None,
+        ),
     ];
     if has_bouncer {
         runs.push(("-S PgBouncer (plain TCP)", true, &bouncer_tcp, password));
@@ -500,6 +523,9 @@ pub async fn pgbench(env: &Env, options: &Options, report: &mut Report) -> Resul
         eprintln!("load: pgbench {label}, {secs} s");
         let relay = match label {
             "-S Ephemera" => Some(("pgbench-S-ephemera", env.pids().ephemera)),
+            "-S Ephemera, Unix-socket upstream" => {
+                Some(("pgbench-S-ephemera-unix", env.pids().ephemera_unix))
+            }
             "-S PgBouncer (plain TCP)" => Some(("pgbench-S-pgbouncer", env.pids().pgbouncer)),
             _ => None,
         };
@@ -550,6 +576,20 @@ pub async fn pgbench(env: &Env, options: &Options, report: &mut Report) -> Resul
         },
         target: "≥ 0.95× direct and ≥ PgBouncer (TCP)".into(),
         met: Some(e >= 0.95 * d && (!has_bouncer || e >= b_tcp)),
+    });
+    let u = tps("-S Ephemera, Unix-socket upstream");
+    report.row(Row {
+        scenario: "2. pgbench -S, Ephemera with a Unix-socket upstream (same host)".into(),
+        direct: format!("{d:.0}"),
+        ephemera: format!("{u:.0}"),
+        ratio: ratio(u, d),
+        other: if has_bouncer {
+            format!("vs PgBouncer session (TCP): {}", ratio(u, b_tcp))
+        } else {
+            "PgBouncer not available".into()
+        },
+        target: "≥ 0.95× direct and ≥ PgBouncer (TCP)".into(),
+        met: Some(u >= 0.95 * d && (!has_bouncer || u >= b_tcp)),
     });
     if select_only {
         return Ok(());
@@ -641,15 +681,20 @@ pub async fn copy(env: &Env, options: &Options, report: &mut Report) -> Result<(
     );
     let direct = env.direct_conninfo("verify-full");
     let ephemera = env.ephemera_conninfo();
+    let ephemera_unix = env.ephemera_unix_conninfo();
     let password = Some(env.direct_password.as_str());
-    let mut best = [f64::MAX, f64::MAX];
-    let mut all = [Vec::new(), Vec::new()];
+    let mut best = [f64::MAX; 3];
+    let mut all = [Vec::new(), Vec::new(), Vec::new()];
     for round in 0..options.copy_rounds {
-        for (i, (conninfo, password)) in [(&direct, password), (&ephemera, None)]
-            .into_iter()
-            .enumerate()
+        for (i, (conninfo, password)) in [
+            (&direct, password),
+            (&ephemera, None),
+            (&ephemera_unix, None),
+        ]
+        .into_iter()
+        .enumerate()
         {
-            let label = if i == 0 { "direct" } else { "Ephemera" };
+            let label = ["direct", "Ephemera", "Ephemera, Unix-socket upstream"][i];
             eprintln!(
                 "load: COPY {:.2} GiB {label}, round {}",
                 bytes as f64 / (1u64 << 30) as f64,
@@ -678,11 +723,13 @@ pub async fn copy(env: &Env, options: &Options, report: &mut Report) -> Result<(
         }
     }
     let mbps = |s: f64| bytes as f64 / s / 1e6;
-    let (d, e) = (mbps(best[0]), mbps(best[1]));
+    let (d, e, u) = (mbps(best[0]), mbps(best[1]), mbps(best[2]));
+    let rounded = |v: &Vec<f64>| v.iter().map(|v| v.round()).collect::<Vec<_>>();
     report.note(format!(
-        "COPY {bytes} bytes ({rows} rows of {width}+ chars), MB/s per round: direct {:?}, Ephemera {:?}",
-        all[0].iter().map(|v| v.round()).collect::<Vec<_>>(),
-        all[1].iter().map(|v| v.round()).collect::<Vec<_>>()
+        "COPY {bytes} bytes ({rows} rows of {width}+ chars), MB/s per round: direct {:?}, Ephemera {:?}, Ephemera with a Unix-socket upstream {:?}",
+        rounded(&all[0]),
+        rounded(&all[1]),
+        rounded(&all[2]),
     ));
     report.row(Row {
         scenario: format!(
@@ -696,6 +743,15 @@ pub async fn copy(env: &Env, options: &Options, report: &mut Report) -> Result<(
         other: String::new(),
         target: "≥ 0.95× direct".into(),
         met: Some(e >= 0.95 * d),
+    });
+    report.row(Row {
+        scenario: "3. COPY, Ephemera with a Unix-socket upstream (same host)".into(),
+        direct: format!("{d:.0}"),
+        ephemera: format!("{u:.0}"),
+        ratio: ratio(u, d),
+        other: String::new(),
+        target: "≥ 0.95× direct".into(),
+        met: Some(u >= 0.95 * d),
     });
     let _ = env
         .clients
@@ -728,6 +784,7 @@ async fn run_storm(
             while Instant::now() < deadline {
                 let (config, tls) = match mode {
                     Mode::Ephemera => (&clients.ephemera, &clients.svid_tls),
+                    Mode::EphemeraUnix => (&clients.ephemera_unix, &clients.svid_tls),
                     _ => (&clients.direct, &clients.direct_tls),
                 };
                 match first_row(config, tls, Instant::now()).await {
@@ -767,7 +824,7 @@ pub async fn storm(env: &Env, options: &Options, report: &mut Report) -> Result<
     let duration = Duration::from_secs(options.storm_secs);
     let clients = &env.clients;
     let mut rates = Vec::new();
-    for mode in [Mode::Direct, Mode::Ephemera] {
+    for mode in [Mode::Direct, Mode::Ephemera, Mode::EphemeraUnix] {
         eprintln!(
             "load: connect storm, {} ×{c}, {} s",
             mode.label(),
@@ -801,7 +858,7 @@ pub async fn storm(env: &Env, options: &Options, report: &mut Report) -> Result<
     }
     eprintln!("load: storm drain");
     let (drain, left) = clients.drain(ROLE_PREFIX, Duration::from_secs(30)).await?;
-    let ((d, _), (e, e_errors)) = (rates[0], rates[1]);
+    let ((d, _), (e, e_errors), (u, u_errors)) = (rates[0], rates[1], rates[2]);
     report.row(Row {
         scenario: format!(
             "4. connect storm ×{c}, {} s (sessions/s)",
@@ -816,6 +873,15 @@ pub async fn storm(env: &Env, options: &Options, report: &mut Report) -> Result<
         ),
         target: "≥ 300/s, 0 leaked roles".into(),
         met: Some(e >= 300.0 && left == 0),
+    });
+    report.row(Row {
+        scenario: "4. connect storm, Ephemera with a Unix-socket upstream (same host)".into(),
+        direct: format!("{d:.0}/s"),
+        ephemera: format!("{u:.0}/s, {u_errors} errors"),
+        ratio: ratio(u, d),
+        other: "(roles left: as above, one drain for both)".into(),
+        target: "≥ 300/s, 0 leaked roles".into(),
+        met: Some(u >= 300.0 && left == 0),
     });
     Ok(())
 }
@@ -940,12 +1006,13 @@ pub async fn reaper(env: &Env, options: &Options, report: &mut Report) -> Result
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let total = committed.elapsed();
+    let done = Instant::now();
+    let total = done - committed;
     report.cpu(
         &format!("reaper, {n} expired roles"),
-        CpuSnapshot::settled(&env.pids(), Instant::now()).since(&before),
+        CpuSnapshot::settled(&env.pids(), done).since(&before),
     );
-    let dropping = first_drop.map(|f| f.elapsed()).unwrap_or_default();
+    let dropping = first_drop.map(|f| done - f).unwrap_or_default();
     report.note(format!(
         "reaper: planting {n} roles took {:.1} s; first drop seen {:.2} s after the commit (reap_interval 1 s); dropping took {:.1} s ({:.0} roles/s)",
         (committed - plant).as_secs_f64(),

@@ -150,6 +150,8 @@ pub struct CpuSplit {
 pub struct Pids {
     pub postmaster: Option<u32>,
     pub ephemera: Option<u32>,
+    /// The second Ephemera (Unix-socket upstream); its CPU counts as Ephemera's.
+    pub ephemera_unix: Option<u32>,
     pub pgbouncer: Option<u32>,
 }
 
@@ -158,7 +160,12 @@ impl CpuSnapshot {
         CpuSnapshot {
             at: Instant::now(),
             postgres: tree_cpu(pids.postmaster),
-            ephemera: pids.ephemera.and_then(stat).map_or(0.0, |s| s.1),
+            ephemera: [pids.ephemera, pids.ephemera_unix]
+                .into_iter()
+                .flatten()
+                .filter_map(stat)
+                .map(|s| s.1)
+                .sum(),
             pgbouncer: pids.pgbouncer.and_then(stat).map_or(0.0, |s| s.1),
             client: client_cpu(),
             machine: machine_busy(),
