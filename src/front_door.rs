@@ -99,7 +99,7 @@ pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Optio
 
     let verified = match tls.get_ref().1.peer_certificates() {
         None | Some([]) => Err(IdentityError::NoCertificate),
-        Some(chain) => proxy.svid_verifier.verify(chain, UnixTime::now()),
+        Some(chain) => proxy.tls().svid_verifier.verify(chain, UnixTime::now()),
     };
     match verified {
         Ok(svid) => Some(Admitted {
@@ -120,7 +120,8 @@ async fn accept_tls(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<TlsStream<TcpStream>> {
-    match proxy.tls_acceptor.accept(tcp).await {
+    let acceptor = proxy.tls().acceptor.clone();
+    match acceptor.accept(tcp).await {
         Ok(tls) => Some(tls),
         Err(error) => {
             tracing::info!(client_addr = %peer, %error, "TLS handshake failed");

@@ -16,6 +16,7 @@
 //! | pass bytes | [`relay`] |
 //! | cancel requests | [`cancel`] |
 //! | turning clients away | [`refusal`] |
+//! | certificates and trust bundle (reloadable) | [`tls`] |
 //!
 //! [`server`] ties them together; [`config`] is the file DBAs write.
 
@@ -37,6 +38,7 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Settings;

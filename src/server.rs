@@ -18,9 +18,9 @@ use crate::admin::{AdminServer, AdminState};
 use crate::audit::AuditLog;
 use crate::cancel::CancelMap;
 use crate::config::{ConfigErrors, Rules, Settings, UpstreamSettings};
-use crate::identity::SvidVerifier;
 use crate::leases::{LeaseManager, SharedRules};
 use crate::protocol::CancelKey;
+use crate::tls::{SharedTls, TlsMaterial};
 use crate::{front_door, session, upstream};
 
 /// How long shutdown waits for leases to be revoked.
@@ -29,8 +29,8 @@ const SHUTDOWN_REVOKE_DEADLINE: Duration = Duration::from_secs(15);
 /// Everything a connection needs, shared by all of them.
 pub struct Proxy {
     pub handshake_timeout: Duration,
-    pub tls_acceptor: TlsAcceptor,
-    pub svid_verifier: Arc<SvidVerifier>,
+    /// Certificate and trust bundle; replaced on reload.
+    pub tls: SharedTls,
     /// Templates and policy; replaced on reload.
     pub rules: SharedRules,
     pub upstream: UpstreamSettings,
@@ -46,6 +46,11 @@ impl Proxy {
     /// The templates and policy in force now.
     pub fn rules(&self) -> Arc<Rules> {
         self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The certificate and trust bundle in force now.
+    pub fn tls(&self) -> Arc<TlsMaterial> {
+        self.tls.current()
     }
 
     /// Forward a client's cancel request, if its key is one we issued.
@@ -90,14 +95,16 @@ pub struct Server {
     revoke_standalone_on_shutdown: bool,
 }
 
-/// Reloads templates, policy and the upstream admin credentials from the
-/// configuration file (SIGHUP). Listeners and TLS are not reloaded: restart
-/// for those.
+/// Reloads templates, policy, the upstream admin credentials, Ephemera's
+/// certificate and the SPIFFE trust bundle from the configuration file
+/// (SIGHUP). Listen addresses, limits and the upstream address are not
+/// reloaded: restart for those.
 #[derive(Clone)]
 pub struct Reloader {
     source: Option<PathBuf>,
     rules: SharedRules,
     engine: Arc<PostgresEngine>,
+    tls: SharedTls,
 }
 
 impl Reloader {
@@ -106,9 +113,11 @@ impl Reloader {
             return Ok(());
         };
         let settings = Settings::load(path)?;
-        // A rotated admin password (or other connection settings) applies
-        // to new admin connections from now on.
-        self.engine.set_admin(settings.engine.admin.clone());
+        // A rotated admin password applies to new admin connections from
+        // now on (the server address is not reloaded).
+        let admin = settings.engine.admin;
+        self.engine
+            .set_admin_credentials(admin.user, admin.password);
         self.engine
             .set_templates(settings.engine.templates)
             .map_err(|e| ConfigErrors {
@@ -119,7 +128,13 @@ impl Reloader {
                 }],
             })?;
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings.rules);
-        tracing::info!(path = %path.display(), "templates and policy reloaded");
+        self.tls.replace(TlsMaterial {
+            acceptor: TlsAcceptor::from(settings.server_tls),
+            admin_acceptor: settings.admin.map(|admin| TlsAcceptor::from(admin.tls)),
+            svid_verifier: settings.svid_verifier,
+        });
+        tracing::info!(path = %path.display(),
+            "templates, policy, admin credentials, certificate and trust bundle reloaded");
         Ok(())
     }
 }
@@ -162,10 +177,17 @@ impl Server {
             settings.lease.bind_to_svid,
         );
         let metrics = crate::telemetry::prometheus();
+        let tls = SharedTls::new(TlsMaterial {
+            acceptor: TlsAcceptor::from(settings.server_tls),
+            admin_acceptor: settings
+                .admin
+                .as_ref()
+                .map(|admin| TlsAcceptor::from(admin.tls.clone())),
+            svid_verifier: settings.svid_verifier,
+        });
         let proxy = Arc::new(Proxy {
             handshake_timeout: settings.handshake_timeout,
-            tls_acceptor: TlsAcceptor::from(settings.server_tls),
-            svid_verifier: settings.svid_verifier.clone(),
+            tls: tls.clone(),
             rules: rules.clone(),
             upstream: settings.upstream.clone(),
             leases: leases.clone(),
@@ -181,9 +203,9 @@ impl Server {
             (Some(admin), Some(listener)) => Some(AdminServer::new(
                 listener,
                 admin,
+                tls.clone(),
                 AdminState {
                     leases,
-                    svid_verifier: settings.svid_verifier,
                     upstream: settings.upstream,
                     metrics,
                 },
@@ -199,6 +221,7 @@ impl Server {
                 source: settings.source,
                 rules,
                 engine: postgres,
+                tls,
             },
             revoke_standalone_on_shutdown: false,
         })

@@ -32,16 +32,16 @@ use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rustls::pki_types::UnixTime;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use self::api::{
     ApiError, Credentials, Health, LeaseFilter, LeaseList, LeaseView, RenewRequest, RevokeRequest,
     RevokeResponse,
 };
 use crate::config::{AdminSettings, UpstreamSettings};
-use crate::identity::{SpiffeId, SvidVerifier};
+use crate::identity::SpiffeId;
 use crate::leases::{LeaseError, LeaseManager};
 use crate::policy::IdPattern;
+use crate::tls::SharedTls;
 
 /// How long a client has to finish the TLS handshake.
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,7 +49,6 @@ const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the handlers work with.
 pub struct AdminState {
     pub leases: Arc<LeaseManager>,
-    pub svid_verifier: Arc<SvidVerifier>,
     /// Where standalone credentials log in (returned by `/v1/creds`).
     pub upstream: UpstreamSettings,
     pub metrics: PrometheusHandle,
@@ -70,15 +69,22 @@ enum Caller {
 
 pub struct AdminServer {
     listener: TcpListener,
-    tls: TlsAcceptor,
+    /// The admin acceptor and the SVID verifier in force (reloadable).
+    tls: SharedTls,
     shared: Arc<Shared>,
 }
 
 impl AdminServer {
-    pub fn new(listener: TcpListener, settings: AdminSettings, state: AdminState) -> Self {
+    /// `tls` must hold an admin acceptor (built from `settings.tls`).
+    pub fn new(
+        listener: TcpListener,
+        settings: AdminSettings,
+        tls: SharedTls,
+        state: AdminState,
+    ) -> Self {
         AdminServer {
             listener,
-            tls: TlsAcceptor::from(settings.tls),
+            tls,
             shared: Arc::new(Shared {
                 state,
                 admins: settings.identities,
@@ -105,8 +111,11 @@ impl AdminServer {
                     continue;
                 }
             };
-            let tls = self.tls.clone();
-            let shared = self.shared.clone();
+            let material = self.tls.current();
+            let Some(tls) = material.admin_acceptor.clone() else {
+                tracing::error!("admin API has no TLS configuration; closing the connection");
+                continue;
+            };
             let router = router.clone();
             tokio::spawn(async move {
                 let stream = match tokio::time::timeout(TLS_TIMEOUT, tls.accept(tcp)).await {
@@ -118,12 +127,10 @@ impl AdminServer {
                     Err(_) => return,
                 };
                 let caller = match stream.get_ref().1.peer_certificates() {
-                    Some(chain) => {
-                        match shared.state.svid_verifier.verify(chain, UnixTime::now()) {
-                            Ok(svid) => Caller::Verified(svid.id),
-                            Err(e) => Caller::Invalid(e.to_string()),
-                        }
-                    }
+                    Some(chain) => match material.svid_verifier.verify(chain, UnixTime::now()) {
+                        Ok(svid) => Caller::Verified(svid.id),
+                        Err(e) => Caller::Invalid(e.to_string()),
+                    },
                     // Unreachable: the TLS layer requires a certificate.
                     None => Caller::Invalid("no client certificate".into()),
                 };

@@ -126,10 +126,16 @@ impl PostgresEngine {
         self.admin.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Use new admin connection settings (a rotated password): the pools are
-    /// rebuilt on next use. Connections already lent out finish their work.
-    pub fn set_admin(&self, admin: AdminConnection) {
-        *self.admin.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(admin);
+    /// Log in as `user` with `password` from now on (a rotated password):
+    /// the pools are rebuilt on next use, to the same server as before.
+    /// Connections already lent out finish their work.
+    pub fn set_admin_credentials(&self, user: String, password: Password) {
+        let mut admin = self.admin.write().unwrap_or_else(|p| p.into_inner());
+        *admin = Arc::new(AdminConnection {
+            user,
+            password,
+            ..AdminConnection::clone(&admin)
+        });
         self.pools.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
