@@ -1,7 +1,7 @@
 //! The audit log: one JSON object per line, written and flushed per event.
 //!
-//! Events: `lease_issued`, `login`, `renewed`, `denied`, `revoked`,
-//! `expired`, `reaped`, `revoke_failed`. Each carries the time, the lease
+//! Events: `lease_issued`, `issue_failed`, `login`, `renewed`, `denied`,
+//! `revoked`, `expired`, `reaped`, `revoke_failed`. Each carries the time, the lease
 //! and who/what it concerns, and the reason or the actor. There is no field
 //! that could hold a secret: events are built from [`Lease`]s, which hold
 //! none.
@@ -20,6 +20,10 @@ use time::OffsetDateTime;
 #[serde(rename_all = "snake_case")]
 pub enum AuditKind {
     LeaseIssued,
+    /// Policy allowed the session but the credential could not be minted
+    /// (database down, admin role lacking a privilege, a template's
+    /// statement failing).
+    IssueFailed,
     Login,
     Renewed,
     Denied,
@@ -78,9 +82,35 @@ impl AuditEvent {
         client_addr: SocketAddr,
         reason: String,
     ) -> Self {
+        Self::refused(AuditKind::Denied, identity, template, client_addr, reason)
+    }
+
+    /// A session the policy allowed but whose role could not be minted.
+    pub fn issue_failed(
+        identity: String,
+        template: String,
+        client_addr: SocketAddr,
+        reason: String,
+    ) -> Self {
+        Self::refused(
+            AuditKind::IssueFailed,
+            Some(identity),
+            Some(template),
+            client_addr,
+            reason,
+        )
+    }
+
+    fn refused(
+        event: AuditKind,
+        identity: Option<String>,
+        template: Option<String>,
+        client_addr: SocketAddr,
+        reason: String,
+    ) -> Self {
         AuditEvent {
             time: OffsetDateTime::now_utc(),
-            event: AuditKind::Denied,
+            event,
             lease_id: None,
             identity,
             template,

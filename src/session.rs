@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
+use crate::audit::AuditEvent;
 use crate::config::{Rules, TemplateSettings};
 use crate::front_door::{refuse, refuse_and_audit, Admitted};
 use crate::leases::{EndReason, SessionLease};
@@ -81,6 +82,12 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
     {
         Ok(lease) => lease,
         Err(source) => {
+            proxy.leases.audit().record(AuditEvent::issue_failed(
+                identity.to_string(),
+                request.template.clone(),
+                peer,
+                source.to_string(),
+            ));
             let upstream = proxy.upstream.address();
             return refuse(stream, Refusal::Mint { upstream, source }, peer).await;
         }

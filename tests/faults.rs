@@ -147,6 +147,13 @@ async fn the_upstream_going_away_and_back() {
             .contains(&format!("127.0.0.1:{}", db.port)),
         "{refused:?}"
     );
+    let audit = proxy.files.audit_events();
+    assert!(
+        audit.iter().any(|e| e["event"] == "issue_failed"
+            && e["identity"] == BILLING_ID
+            && e["template"] == template),
+        "the failed mint is audited: {audit:?}"
+    );
 
     db.start().await;
     let back = Instant::now();
