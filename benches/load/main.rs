@@ -36,6 +36,9 @@ pub struct Options {
     /// Sessions per mode for connect-to-first-row.
     pub sessions: usize,
     pub pgbench_secs: u64,
+    /// pgbench runs are cut into this many slices, the modes taking turns,
+    /// so that drift in the background load hits every mode alike.
+    pub pgbench_rounds: u64,
     pub storm_secs: u64,
     pub storm_concurrency: usize,
     pub copy_bytes: u64,
@@ -105,6 +108,7 @@ impl Options {
             scenarios,
             sessions: var("EPHEMERA_BENCH_SESSIONS", q(1000, 100) as usize),
             pgbench_secs: secs,
+            pgbench_rounds: var("EPHEMERA_BENCH_PGBENCH_ROUNDS", q(3, 1)).max(1),
             storm_secs: secs,
             storm_concurrency: var("EPHEMERA_BENCH_STORM_CONCURRENCY", 32),
             copy_bytes: var("EPHEMERA_BENCH_COPY_MIB", q(1100, 128)) << 20,

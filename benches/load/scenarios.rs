@@ -467,7 +467,8 @@ fn run_pgbench(
     Ok(result)
 }
 
-/// Scenario 2, relay throughput: pgbench -S and TPC-B, direct / Ephemera / PgBouncer.
+/// Scenario 2, relay throughput: pgbench -S and TPC-B, direct / Ephemera /
+/// PgBouncer, each run cut into `pgbench_rounds` slices taken in turn.
 pub async fn pgbench(env: &Env, options: &Options, report: &mut Report) -> Result<(), Error> {
     let secs = options.pgbench_secs;
     let password = Some(env.direct_password.as_str());
@@ -509,40 +510,65 @@ pub async fn pgbench(env: &Env, options: &Options, report: &mut Report) -> Resul
             runs.push(("TPC-B PgBouncer (plain TCP)", false, &bouncer_tcp, password));
         }
     }
-    let mut results: BTreeMap<&str, PgbenchResult> = BTreeMap::new();
-    for (label, select_only, conninfo, password) in runs {
-        if !select_only {
-            // What pgbench does itself without -n, as the superuser.
-            let client = env.clients.superuser(DATABASE).await?;
-            client
-                .batch_execute("VACUUM pgbench_branches, pgbench_tellers")
-                .await?;
-            client.batch_execute("TRUNCATE pgbench_history").await?;
-            client.batch_execute("CHECKPOINT").await?;
-        }
-        eprintln!("load: pgbench {label}, {secs} s");
-        let relay = match label {
-            "-S Ephemera" => Some(("pgbench-S-ephemera", env.pids().ephemera)),
-            "-S Ephemera, Unix-socket upstream" => {
-                Some(("pgbench-S-ephemera-unix", env.pids().ephemera_unix))
+    // Slices of secs / rounds, the modes taking turns (rotated each round).
+    let rounds = options.pgbench_rounds as usize;
+    let slice = (secs / rounds as u64).max(1);
+    let mut slices: BTreeMap<&str, Vec<PgbenchResult>> = BTreeMap::new();
+    let mut cpu: BTreeMap<&str, crate::stats::CpuSplit> = BTreeMap::new();
+    for round in 0..rounds {
+        for i in 0..runs.len() {
+            let (label, select_only, conninfo, password) = runs[(i + round) % runs.len()];
+            if !select_only {
+                // What pgbench does itself without -n, as the superuser.
+                let client = env.clients.superuser(DATABASE).await?;
+                client
+                    .batch_execute("VACUUM pgbench_branches, pgbench_tellers")
+                    .await?;
+                client.batch_execute("TRUNCATE pgbench_history").await?;
+                client.batch_execute("CHECKPOINT").await?;
             }
-            "-S PgBouncer (plain TCP)" => Some(("pgbench-S-pgbouncer", env.pids().pgbouncer)),
-            _ => None,
-        };
-        let perf = relay.and_then(|(name, pid)| Perf::start(options, name, pid));
-        let before = CpuSnapshot::take(&env.pids());
-        let result = run_pgbench(env, conninfo, password, select_only, secs)?;
-        let split = CpuSnapshot::settled(&env.pids(), Instant::now()).since(&before);
-        if let Some(perf) = perf {
-            let counts = perf.finish();
-            report.note(syscall_note(
-                &format!("pgbench {label}, the relay"),
-                &counts,
-                result.processed as f64,
-                "transaction",
-            ));
+            eprintln!(
+                "load: pgbench {label}, {slice} s (round {} of {rounds})",
+                round + 1
+            );
+            let relay = match label {
+                "-S Ephemera" => Some(("pgbench-S-ephemera", env.pids().ephemera)),
+                "-S Ephemera, Unix-socket upstream" => {
+                    Some(("pgbench-S-ephemera-unix", env.pids().ephemera_unix))
+                }
+                "-S PgBouncer (plain TCP)" => Some(("pgbench-S-pgbouncer", env.pids().pgbouncer)),
+                _ => None,
+            };
+            let perf = relay
+                .filter(|_| round == 0)
+                .and_then(|(name, pid)| Perf::start(options, name, pid));
+            let before = CpuSnapshot::take(&env.pids());
+            let result = run_pgbench(env, conninfo, password, select_only, slice)?;
+            let split = CpuSnapshot::settled(&env.pids(), Instant::now()).since(&before);
+            if let Some(perf) = perf {
+                let counts = perf.finish();
+                report.note(syscall_note(
+                    &format!("pgbench {label}, the relay"),
+                    &counts,
+                    result.processed as f64,
+                    "transaction",
+                ));
+            }
+            cpu.entry(label).or_default().add(&split);
+            slices.entry(label).or_default().push(result);
         }
-        report.cpu(&format!("pgbench {label}"), split);
+    }
+    let mut results: BTreeMap<&str, PgbenchResult> = BTreeMap::new();
+    for (label, _, _, _) in &runs {
+        let parts = &slices[label];
+        let n = parts.len() as f64;
+        let result = PgbenchResult {
+            tps: parts.iter().map(|r| r.tps).sum::<f64>() / n,
+            latency_ms: parts.iter().map(|r| r.latency_ms).sum::<f64>() / n,
+            processed: parts.iter().map(|r| r.processed).sum(),
+            failed: parts.iter().map(|r| r.failed).sum(),
+        };
+        report.cpu(&format!("pgbench {label}"), cpu[label]);
         if result.failed > 0 {
             report.note(format!(
                 "pgbench {label}: {} failed transactions",
@@ -550,8 +576,11 @@ pub async fn pgbench(env: &Env, options: &Options, report: &mut Report) -> Resul
             ));
         }
         report.note(format!(
-            "pgbench {label}: {:.0} tps, latency {:.3} ms, {} transactions",
-            result.tps, result.latency_ms, result.processed
+            "pgbench {label}: {:.0} tps (slices: {:?}), latency {:.3} ms, {} transactions",
+            result.tps,
+            parts.iter().map(|r| r.tps.round()).collect::<Vec<_>>(),
+            result.latency_ms,
+            result.processed
         ));
         results.insert(label, result);
     }
@@ -559,7 +588,7 @@ pub async fn pgbench(env: &Env, options: &Options, report: &mut Report) -> Resul
     let (d, e) = (tps("-S direct (TLS)"), tps("-S Ephemera"));
     let (b_tcp, b_tls) = (tps("-S PgBouncer (plain TCP)"), tps("-S PgBouncer (TLS)"));
     report.row(Row {
-        scenario: format!("2. pgbench -S -c 8 -j 2 -T {secs} (tps)"),
+        scenario: format!("2. pgbench -S -c 8 -j 2, {secs} s in {rounds} slices (tps)"),
         direct: format!("{d:.0}"),
         ephemera: format!("{e:.0}"),
         ratio: ratio(e, d),
@@ -600,7 +629,7 @@ pub async fn pgbench(env: &Env, options: &Options, report: &mut Report) -> Resul
         tps("TPC-B PgBouncer (plain TCP)"),
     );
     report.row(Row {
-        scenario: format!("2. pgbench TPC-B -c 8 -j 2 -T {secs} (tps)"),
+        scenario: format!("2. pgbench TPC-B -c 8 -j 2, {secs} s in {rounds} slices (tps)"),
         direct: format!("{d:.0}"),
         ephemera: format!("{e:.0}"),
         ratio: ratio(e, d),

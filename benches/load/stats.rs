@@ -146,6 +146,26 @@ pub struct CpuSplit {
     pub machine: f64,
 }
 
+impl CpuSplit {
+    /// Add another measurement of the same thing (a later slice): the
+    /// averages are weighted by wall time.
+    pub fn add(&mut self, other: &CpuSplit) {
+        let wall = self.wall + other.wall;
+        if wall <= 0.0 {
+            return;
+        }
+        let mix = |a: f64, b: f64| (a * self.wall + b * other.wall) / wall;
+        *self = CpuSplit {
+            wall,
+            postgres: mix(self.postgres, other.postgres),
+            ephemera: mix(self.ephemera, other.ephemera),
+            pgbouncer: mix(self.pgbouncer, other.pgbouncer),
+            client: mix(self.client, other.client),
+            machine: mix(self.machine, other.machine),
+        };
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Pids {
     pub postmaster: Option<u32>,
