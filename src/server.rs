@@ -113,11 +113,8 @@ impl Reloader {
             return Ok(());
         };
         let settings = Settings::load(path)?;
-        // A rotated admin password applies to new admin connections from
-        // now on (the server address is not reloaded).
-        let admin = settings.engine.admin;
-        self.engine
-            .set_admin_credentials(admin.user, admin.password);
+        // The one step that can still fail comes first, so that a refused
+        // reload changes nothing.
         self.engine
             .set_templates(settings.engine.templates)
             .map_err(|e| ConfigErrors {
@@ -127,6 +124,11 @@ impl Reloader {
                     message: e.to_string(),
                 }],
             })?;
+        // A rotated admin password applies to new admin connections from
+        // now on (the server address is not reloaded).
+        let admin = settings.engine.admin;
+        self.engine
+            .set_admin_credentials(admin.user, admin.password);
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings.rules);
         self.tls.replace(TlsMaterial {
             acceptor: TlsAcceptor::from(settings.server_tls),
