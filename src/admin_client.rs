@@ -140,6 +140,7 @@ fn api_error_text(status: u16, message: &str) -> String {
         }
         404 => format!("not found (404): {message}"),
         409 => format!("the admin API cannot do that now (409): {message}"),
+        429 => format!("the admin API is limiting this identity (429): {message}"),
         503 => format!(
             "the admin API is unavailable (503): {message}; try again shortly or check the server's log"
         ),

@@ -1,15 +1,17 @@
 //! Limits that keep one workload, or a flood of connections, from hurting
-//! everyone else: a cap on concurrent sessions and a per-identity token
-//! bucket on role creation (so nobody can flood the catalog with roles).
+//! everyone else: a cap on concurrent sessions, a per-identity token bucket
+//! on role creation (sessions and `/v1/creds` alike, so nobody can flood the
+//! catalog with roles), and one on the admin API's lease lookups for
+//! identities that are not admins.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// A token bucket per identity: `burst` roles at once, refilled at `rate`
-/// per second.
+/// A token bucket per identity: `burst` actions at once, refilled at
+/// `rate` per second.
 #[derive(Debug)]
-pub struct IssueRateLimiter {
+pub struct RateLimiter {
     rate: f64,
     burst: f64,
     buckets: Mutex<HashMap<String, Bucket>>,
@@ -25,9 +27,9 @@ struct Bucket {
 /// as no bucket).
 const MAX_TRACKED: usize = 10_000;
 
-impl IssueRateLimiter {
+impl RateLimiter {
     pub fn new(rate_per_second: f64, burst: u32) -> Self {
-        IssueRateLimiter {
+        RateLimiter {
             rate: rate_per_second,
             burst: f64::from(burst.max(1)),
             buckets: Mutex::new(HashMap::new()),
@@ -82,7 +84,7 @@ mod tests {
 
     #[test]
     fn a_burst_then_the_rate() {
-        let limiter = IssueRateLimiter::new(2.0, 3);
+        let limiter = RateLimiter::new(2.0, 3);
         let start = Instant::now();
         for _ in 0..3 {
             assert!(limiter.try_take_at("a", start));

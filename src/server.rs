@@ -39,7 +39,8 @@ pub struct Proxy {
     /// One permit per relayed session (`listen.max_connections`).
     pub sessions: Arc<tokio::sync::Semaphore>,
     pub max_connections: usize,
-    pub issue_limiter: crate::limits::IssueRateLimiter,
+    /// Role creation per identity, shared with the admin API's `/v1/creds`.
+    pub issue_limiter: Arc<crate::limits::RateLimiter>,
 }
 
 impl Proxy {
@@ -179,6 +180,10 @@ impl Server {
             settings.lease.bind_to_svid,
         );
         let metrics = crate::telemetry::prometheus();
+        let issue_limiter = Arc::new(crate::limits::RateLimiter::new(
+            settings.lease.issue_rate_per_identity,
+            settings.lease.issue_burst_per_identity,
+        ));
         let tls = SharedTls::new(TlsMaterial {
             acceptor: TlsAcceptor::from(settings.server_tls),
             admin_acceptor: settings
@@ -196,10 +201,7 @@ impl Server {
             cancels: CancelMap::new(),
             sessions: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
             max_connections: settings.max_connections,
-            issue_limiter: crate::limits::IssueRateLimiter::new(
-                settings.lease.issue_rate_per_identity,
-                settings.lease.issue_burst_per_identity,
-            ),
+            issue_limiter: issue_limiter.clone(),
         });
         let admin = match (settings.admin, admin_listener) {
             (Some(admin), Some(listener)) => Some(AdminServer::new(
@@ -208,6 +210,7 @@ impl Server {
                 tls.clone(),
                 AdminState {
                     leases,
+                    issue_limiter,
                     upstream: settings.upstream,
                     metrics,
                 },

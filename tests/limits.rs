@@ -6,7 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::proxy::{role_prefix, ProxyOptions, TestProxy, BILLING_ID, DATABASE};
+use common::proxy::{
+    admin_client, role_prefix, wait_until_no_roles, ProxyOptions, TestProxy, ADMIN_ID, BILLING_ID,
+    DATABASE, STRANGER_ID,
+};
+use ephemera::admin_client::AdminClientError;
 use tokio::io::AsyncWriteExt;
 
 const OTHER_ID: &str = "spiffe://example.org/ns/prod/sa/other";
@@ -145,5 +149,86 @@ async fn an_identity_past_its_rate_limit_gets_53300_and_others_do_not() {
     assert!(audit
         .iter()
         .any(|e| e["event"] == "denied" && e["identity"] == BILLING_ID));
+    proxy.shutdown().await;
+}
+
+/// `/v1/creds` draws from the same per-identity bucket as sessions, so the
+/// admin API is no way around the limit on role creation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_credentials_count_against_the_issue_limit() {
+    let template = "lim_creds";
+    let mut options = ProxyOptions::templates(&[template]);
+    options.admin_listen = Some("127.0.0.1:0".into());
+    options.lease_extra = "issue_rate_per_identity = 0.01\nissue_burst_per_identity = 2".into();
+    let proxy = TestProxy::start(options).await;
+    let job = admin_client(
+        &proxy.files,
+        proxy.admin_addr.expect("admin API"),
+        &proxy.svid(BILLING_ID),
+    );
+    let first = job.creds(template).await.expect("within the burst");
+    let session = proxy
+        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
+        .await
+        .expect("within the burst");
+    match job.creds(template).await {
+        Err(AdminClientError::Api {
+            status: 429,
+            message,
+        }) => {
+            assert!(
+                message.contains(BILLING_ID) && message.contains("issue_rate_per_identity"),
+                "{message}"
+            );
+        }
+        other => panic!("the third role is refused with 429, got {other:?}"),
+    }
+    let (code, _) = refused_code(&proxy, BILLING_ID, template).await;
+    assert_eq!(code, "53300");
+    drop(session);
+    job.revoke_lease(first.lease_id)
+        .await
+        .expect("the holder gives its lease back");
+    assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await);
+    proxy.shutdown().await;
+}
+
+/// An identity that is not an admin may renew or revoke only its own
+/// standalone lease, and each attempt may read the ledger: past a burst it
+/// gets 429 instead of more lookups. Admins are not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_lookups_by_non_admins_are_rate_limited() {
+    let template = "lim_lookup";
+    let mut options = ProxyOptions::templates(&[template]);
+    options.admin_listen = Some("127.0.0.1:0".into());
+    let proxy = TestProxy::start(options).await;
+    let addr = proxy.admin_addr.expect("admin API");
+    let stranger = admin_client(&proxy.files, addr, &proxy.svid(STRANGER_ID));
+    // 40 at once: the burst (20) answers 403, and the bucket cannot refill
+    // 20 tokens (4 s at 5/s) while they are in flight.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let stranger = stranger.clone();
+        calls.spawn(async move { stranger.revoke_lease(uuid::Uuid::new_v4()).await });
+    }
+    let mut statuses = Vec::new();
+    while let Some(result) = calls.join_next().await {
+        match result.expect("task") {
+            Err(AdminClientError::Api { status, .. }) => statuses.push(status),
+            other => panic!("a stranger never revokes anything, got {other:?}"),
+        }
+    }
+    let refused = statuses.iter().filter(|&&s| s == 403).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!(refused + limited, 40, "{statuses:?}");
+    eprintln!("lookups: {refused} refused (403), {limited} limited (429)");
+    assert!(refused >= 20 && limited >= 1, "{statuses:?}");
+    let admin = admin_client(&proxy.files, addr, &proxy.svid(ADMIN_ID));
+    for _ in 0..30 {
+        match admin.revoke_lease(uuid::Uuid::new_v4()).await {
+            Err(AdminClientError::Api { status: 404, .. }) => {}
+            other => panic!("an admin gets 404 for an unknown lease, got {other:?}"),
+        }
+    }
     proxy.shutdown().await;
 }

@@ -40,6 +40,7 @@ use self::api::{
 use crate::config::{AdminSettings, UpstreamSettings};
 use crate::identity::SpiffeId;
 use crate::leases::{LeaseError, LeaseManager};
+use crate::limits::RateLimiter;
 use crate::policy::IdPattern;
 use crate::tls::SharedTls;
 
@@ -49,6 +50,9 @@ const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the handlers work with.
 pub struct AdminState {
     pub leases: Arc<LeaseManager>,
+    /// Role creation per identity (`[lease] issue_rate_per_identity`),
+    /// shared with the PostgreSQL port: `/v1/creds` counts against it.
+    pub issue_limiter: Arc<RateLimiter>,
     /// Where standalone credentials log in (returned by `/v1/creds`).
     pub upstream: UpstreamSettings,
     pub metrics: PrometheusHandle,
@@ -57,7 +61,15 @@ pub struct AdminState {
 struct Shared {
     state: AdminState,
     admins: Vec<IdPattern>,
+    /// Lease lookups by identities that are not admins (renewing or
+    /// revoking what may be their own lease): each can read the ledger, so
+    /// a stranger cannot make Ephemera scan `pg_roles` in a loop.
+    holder_lookups: RateLimiter,
 }
+
+/// A holder renews at half its ttl; this is far above any honest use.
+const HOLDER_LOOKUPS_PER_SECOND: f64 = 5.0;
+const HOLDER_LOOKUPS_BURST: u32 = 20;
 
 /// Who is calling, as established for the whole connection.
 #[derive(Clone, Debug)]
@@ -88,6 +100,7 @@ impl AdminServer {
             shared: Arc::new(Shared {
                 state,
                 admins: settings.identities,
+                holder_lookups: RateLimiter::new(HOLDER_LOOKUPS_PER_SECOND, HOLDER_LOOKUPS_BURST),
             }),
         }
     }
@@ -242,6 +255,15 @@ async fn admin_or_holder(shared: &Shared, caller: &Caller, id: LeaseId) -> Resul
         Err(refusal) => refusal,
     };
     let caller = verified(caller)?;
+    if !shared.holder_lookups.try_take(caller.as_str()) {
+        return Err(failure(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{caller} looks up leases too fast: at most {HOLDER_LOOKUPS_BURST} at once and \
+                 {HOLDER_LOOKUPS_PER_SECOND} per second for identities that are not admins; retry later"
+            ),
+        ));
+    }
     match shared.state.leases.get(id).await {
         Ok(lease) if lease.kind == LeaseKind::Standalone && lease.identity == caller.as_str() => {
             Ok(caller.to_string())
@@ -357,6 +379,18 @@ async fn creds(
     Path(template): Path<String>,
 ) -> Result<Json<Credentials>, Failure> {
     let identity = verified(&caller)?.clone();
+    let limiter = &shared.state.issue_limiter;
+    if !limiter.try_take(identity.as_str()) {
+        return Err(failure(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "identity {identity} is creating credentials too fast: at most {} at once and {} \
+                 per second, sessions included (lease.issue_rate_per_identity); retry later",
+                limiter.burst(),
+                limiter.rate()
+            ),
+        ));
+    }
     let (lease, password) = shared
         .state
         .leases
