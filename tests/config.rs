@@ -3,7 +3,15 @@
 
 use std::path::Path;
 
-use ephemera::config::{read_file_config, Settings};
+use ephemera::config::{read_file_config, ConfigErrors, Settings};
+
+/// Load `toml` as a config file (in a fresh directory); it must be refused.
+fn refused(toml: &str) -> ConfigErrors {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, toml).expect("write");
+    Settings::load(&config).expect_err("the configuration is refused")
+}
 
 #[test]
 fn the_annotated_example_uses_the_real_schema() {
@@ -16,10 +24,7 @@ fn the_annotated_example_uses_the_real_schema() {
 
 #[test]
 fn problems_are_reported_with_their_key_paths() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
+    let errors = refused(
         r#"
 [listen]
 address = "not an address"
@@ -40,9 +45,7 @@ database = "billing"
 spiffe_id = "spiffe://example.org/**/x"
 templates = ["nope"]
 "#,
-    )
-    .expect("write");
-    let errors = Settings::load(&config).expect_err("broken config is refused");
+    );
     let keys: Vec<&str> = errors.problems.iter().map(|p| p.key.as_str()).collect();
     for key in [
         "listen.address",
@@ -62,10 +65,7 @@ templates = ["nope"]
 
 #[test]
 fn a_unix_socket_upstream_needs_sslmode_disable() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
+    let errors = refused(
         r#"
 [listen]
 address = "127.0.0.1:5432"
@@ -81,9 +81,7 @@ admin_user = "ephemera_admin"
 admin_password_file = "password"
 sslmode = "require"
 "#,
-    )
-    .expect("write");
-    let errors = Settings::load(&config).expect_err("TLS over a Unix socket is refused");
+    );
     let problem = errors
         .problems
         .iter()

@@ -5,14 +5,17 @@
 mod common;
 
 use common::proxy::{admin_client, ProxyOptions, TestProxy, ADMIN_ID, BILLING_ID, DATABASE};
-use common::{make_tls_connect, TestCa};
+use common::{make_tls_connect, TestCa, TestCert};
 
-/// The SQLSTATE of a refused connection, or None if it connected.
+/// The SQLSTATE of a refused connection (with `svid`, trusting
+/// `server_ca`), or None if it connected.
 async fn refusal(
     proxy: &TestProxy,
-    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    server_ca: &str,
+    svid: &TestCert,
     template: &str,
 ) -> Option<String> {
+    let tls = make_tls_connect(server_ca, Some(svid));
     match proxy.pg_config(template, DATABASE).connect(tls).await {
         Ok(_) => None,
         Err(e) => Some(
@@ -37,24 +40,12 @@ async fn a_reload_picks_up_a_rotated_trust_bundle() {
 
     // Before: only the old CA is trusted.
     assert_eq!(
-        refusal(
-            &proxy,
-            make_tls_connect(server_ca, Some(&new_svid)),
-            template
-        )
-        .await
-        .as_deref(),
+        refusal(&proxy, server_ca, &new_svid, template)
+            .await
+            .as_deref(),
         Some("28000")
     );
-    assert_eq!(
-        refusal(
-            &proxy,
-            make_tls_connect(server_ca, Some(&old_svid)),
-            template
-        )
-        .await,
-        None
-    );
+    assert_eq!(refusal(&proxy, server_ca, &old_svid, template).await, None);
     let new_admin = admin_client(&proxy.files, admin_addr, &new_ca.svid(ADMIN_ID));
     assert!(
         new_admin.health().await.is_err(),
@@ -70,24 +61,8 @@ async fn a_reload_picks_up_a_rotated_trust_bundle() {
     )
     .expect("bundle");
     proxy.reloader.reload().expect("reload");
-    assert_eq!(
-        refusal(
-            &proxy,
-            make_tls_connect(server_ca, Some(&new_svid)),
-            template
-        )
-        .await,
-        None
-    );
-    assert_eq!(
-        refusal(
-            &proxy,
-            make_tls_connect(server_ca, Some(&old_svid)),
-            template
-        )
-        .await,
-        None
-    );
+    assert_eq!(refusal(&proxy, server_ca, &new_svid, template).await, None);
+    assert_eq!(refusal(&proxy, server_ca, &old_svid, template).await, None);
     new_admin
         .health()
         .await
@@ -97,24 +72,12 @@ async fn a_reload_picks_up_a_rotated_trust_bundle() {
     std::fs::write(&bundle, new_ca.cert_pem()).expect("bundle");
     proxy.reloader.reload().expect("reload");
     assert_eq!(
-        refusal(
-            &proxy,
-            make_tls_connect(server_ca, Some(&old_svid)),
-            template
-        )
-        .await
-        .as_deref(),
+        refusal(&proxy, server_ca, &old_svid, template)
+            .await
+            .as_deref(),
         Some("28000")
     );
-    assert_eq!(
-        refusal(
-            &proxy,
-            make_tls_connect(server_ca, Some(&new_svid)),
-            template
-        )
-        .await,
-        None
-    );
+    assert_eq!(refusal(&proxy, server_ca, &new_svid, template).await, None);
     proxy.shutdown().await;
 }
 
@@ -137,20 +100,10 @@ async fn a_reload_picks_up_a_renewed_server_certificate() {
     proxy.reloader.reload().expect("reload");
 
     assert_eq!(
-        refusal(
-            &proxy,
-            make_tls_connect(next_ca.cert_pem(), Some(&svid)),
-            template
-        )
-        .await,
+        refusal(&proxy, next_ca.cert_pem(), &svid, template).await,
         None
     );
-    let stale = refusal(
-        &proxy,
-        make_tls_connect(old_server_ca, Some(&svid)),
-        template,
-    )
-    .await;
+    let stale = refusal(&proxy, old_server_ca, &svid, template).await;
     assert!(
         stale
             .as_deref()
@@ -169,12 +122,7 @@ async fn a_reload_picks_up_a_renewed_server_certificate() {
         .reload()
         .expect_err("a broken key is not loaded");
     assert_eq!(
-        refusal(
-            &proxy,
-            make_tls_connect(next_ca.cert_pem(), Some(&svid)),
-            template
-        )
-        .await,
+        refusal(&proxy, next_ca.cert_pem(), &svid, template).await,
         None
     );
     proxy.shutdown().await;
