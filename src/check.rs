@@ -19,7 +19,7 @@ fn problem(key: impl Into<String>, message: impl Into<String>) -> ConfigProblem 
 /// Connect as the admin role and check what the templates need.
 pub async fn check_upstream(settings: &Settings) -> Vec<ConfigProblem> {
     let admin = &settings.engine.admin;
-    let address = format!("{}:{}", admin.host, admin.port);
+    let address = settings.upstream.address();
     let mut config = tokio_postgres::Config::new();
     config
         .host(&admin.host)

@@ -162,6 +162,23 @@ async fn connect_checks_the_upstream() {
     .expect("task");
     assert!(ok, "a correct setup passes --connect: {text}");
 
+    // The same over the Unix socket (Ephemera on the database's host).
+    let over_socket = example
+        .replace(
+            "host = \"127.0.0.1\"",
+            &format!("host = \"{}\"", c.socket_dir().display()),
+        )
+        .replace("port = 5433", &format!("port = {}", c.port()))
+        .replace("sslmode = \"require\"", "sslmode = \"disable\"");
+    std::fs::write(&config, &over_socket).expect("write");
+    let (ok, text) = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || check(&config, &["--connect"])
+    })
+    .await
+    .expect("task");
+    assert!(ok, "a Unix-socket upstream passes --connect: {text}");
+
     // No CREATEROLE, and a group that does not exist.
     let verifier = postgres_protocol::password::scram_sha_256(b"plain-user-pw");
     c.exec_sql(
