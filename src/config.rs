@@ -84,6 +84,10 @@ pub struct TlsSection {
     pub key: PathBuf,
     pub trust_bundle: PathBuf,
     pub trust_domains: Vec<String>,
+    /// Federated trust domains, each with its own bundle file: their SVIDs
+    /// must chain to that bundle, and only theirs may.
+    #[serde(default)]
+    pub federation: BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,20 +429,59 @@ impl Settings {
                 ),
             }
         }
-        let bundle = load_certs(
+        let mut bundle = load_certs(
             &base.join(&file.tls.trust_bundle),
             "tls.trust_bundle",
             &mut problems,
         );
-        let svid_verifier = bundle.as_ref().and_then(|bundle| {
-            match SvidVerifier::new(bundle, trust_domains, provider.clone()) {
-                Ok(v) => Some(Arc::new(v)),
+        let mut svid_verifier = bundle.as_ref().and_then(|bundle| {
+            match SvidVerifier::new(bundle, trust_domains.clone(), provider.clone()) {
+                Ok(v) => Some(v),
                 Err(e) => {
                     problems.add("tls.trust_bundle", format!("{e}; it must hold the PEM CA certificate(s) of your SPIFFE trust domain"));
                     None
                 }
             }
         });
+        for (domain, path) in &file.tls.federation {
+            let key = format!("tls.federation.{domain}");
+            match crate::identity::SpiffeId::parse(&format!("spiffe://{domain}")) {
+                Ok(id) if id.segments().next().is_none() => {}
+                _ => {
+                    problems.add(key, format!("{domain:?} is not a trust domain name"));
+                    continue;
+                }
+            }
+            if trust_domains.contains(domain) {
+                problems.add(
+                    key,
+                    format!("{domain:?} is also in tls.trust_domains; a trust domain has one bundle: list it in one place"),
+                );
+                continue;
+            }
+            let Some(certs) = load_certs(&base.join(path), &key, &mut problems) else {
+                continue;
+            };
+            svid_verifier = match svid_verifier.map(|v| v.with_federated(domain.clone(), &certs)) {
+                Some(Ok(v)) => Some(v),
+                Some(Err(e)) => {
+                    problems.add(
+                        key,
+                        format!(
+                            "{e}; it must hold the PEM CA certificate(s) of trust domain {domain}"
+                        ),
+                    );
+                    None
+                }
+                None => None,
+            };
+            // The admin API's TLS layer accepts every bundle's CAs; the
+            // verifier then holds each SVID to its own domain's bundle.
+            if let Some(all) = bundle.as_mut() {
+                all.extend(certs);
+            }
+        }
+        let svid_verifier = svid_verifier.map(Arc::new);
         let cert_chain = load_certs(&base.join(&file.tls.cert), "tls.cert", &mut problems);
         let key = load_key(&base.join(&file.tls.key), "tls.key", &mut problems);
         let server_identity = cert_chain.zip(key);

@@ -142,6 +142,8 @@ pub enum IdentityError {
     NotYetValid,
     #[error("the client certificate is not signed by a CA in Ephemera's SPIFFE trust bundle")]
     UnknownIssuer,
+    #[error("the client certificate claims trust domain {0:?} but is signed by a CA of another trust domain's bundle; each trust domain's SVIDs must chain to its own bundle")]
+    ForeignIssuer(String),
     #[error("the client certificate is a CA certificate; an X.509-SVID leaf must have CA:FALSE")]
     CaAsLeaf,
     #[error("the client certificate is not valid for client authentication (extended key usage)")]
@@ -177,19 +179,30 @@ pub struct VerifiedSvid {
 
 /// Checks X.509-SVIDs against the trust bundle and the accepted trust domains.
 pub struct SvidVerifier {
-    anchors: Vec<TrustAnchor<'static>>,
-    trust_domains: BTreeSet<String>,
+    /// One bundle per group of trust domains: an SVID must chain to the
+    /// bundle of its own trust domain (the SPIFFE rule), so a federated
+    /// domain's CA cannot vouch for the home domain's identities.
+    bundles: Vec<Bundle>,
+    /// Every bundle's anchors, for certificates that name no usable trust
+    /// domain (the errors then say what is wrong with them).
+    all_anchors: Vec<TrustAnchor<'static>>,
     provider: Arc<CryptoProvider>,
-    /// Subjects of the bundle's CAs, sent as hints in the TLS handshake.
+    /// Subjects of the bundles' CAs, sent as hints in the TLS handshake.
     root_subjects: Vec<DistinguishedName>,
+}
+
+struct Bundle {
+    trust_domains: BTreeSet<String>,
+    anchors: Vec<TrustAnchor<'static>>,
 }
 
 impl fmt::Debug for SvidVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SvidVerifier")
-            .field("anchors", &self.anchors.len())
-            .field("trust_domains", &self.trust_domains)
-            .finish()
+        let mut map = f.debug_map();
+        for bundle in &self.bundles {
+            map.entry(&bundle.trust_domains, &bundle.anchors.len());
+        }
+        map.finish()
     }
 }
 
@@ -201,19 +214,50 @@ pub enum TrustBundleError {
     BadAnchor { index: usize, reason: String },
     #[error("certificate #{index} of the trust bundle is not a CA certificate (basicConstraints CA:TRUE)")]
     NotCa { index: usize },
+    #[error("trust domain {0:?} has two bundles")]
+    DuplicateDomain(String),
 }
 
 impl SvidVerifier {
+    /// A verifier for `trust_domains`, all of whose SVIDs chain to `bundle`.
     pub fn new(
         bundle: &[CertificateDer<'static>],
         trust_domains: impl IntoIterator<Item = String>,
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, TrustBundleError> {
+        let mut verifier = SvidVerifier {
+            bundles: Vec::new(),
+            all_anchors: Vec::new(),
+            provider,
+            root_subjects: Vec::new(),
+        };
+        verifier.add_bundle(bundle, trust_domains.into_iter().collect())?;
+        Ok(verifier)
+    }
+
+    /// Also accept SVIDs of the federated `trust_domain`, which must chain
+    /// to `bundle` (and only those may).
+    pub fn with_federated(
+        mut self,
+        trust_domain: String,
+        bundle: &[CertificateDer<'static>],
+    ) -> Result<Self, TrustBundleError> {
+        self.add_bundle(bundle, BTreeSet::from([trust_domain]))?;
+        Ok(self)
+    }
+
+    fn add_bundle(
+        &mut self,
+        bundle: &[CertificateDer<'static>],
+        trust_domains: BTreeSet<String>,
+    ) -> Result<(), TrustBundleError> {
         if bundle.is_empty() {
             return Err(TrustBundleError::Empty);
         }
+        if let Some(domain) = trust_domains.iter().find(|d| self.bundle_for(d).is_some()) {
+            return Err(TrustBundleError::DuplicateDomain(domain.clone()));
+        }
         let mut anchors = Vec::new();
-        let mut root_subjects = Vec::new();
         for (index, der) in bundle.iter().enumerate() {
             let (_, cert) =
                 X509Certificate::from_der(der).map_err(|e| TrustBundleError::BadAnchor {
@@ -230,15 +274,22 @@ impl SvidVerifier {
                 })?;
             // The anchor's subject is the Name without its SEQUENCE header; the
             // TLS CertificateRequest wants the full DER.
-            root_subjects.push(DistinguishedName::in_sequence(&anchor.subject));
+            self.root_subjects
+                .push(DistinguishedName::in_sequence(&anchor.subject));
             anchors.push(anchor.to_owned());
         }
-        Ok(SvidVerifier {
+        self.all_anchors.extend(anchors.iter().cloned());
+        self.bundles.push(Bundle {
+            trust_domains,
             anchors,
-            trust_domains: trust_domains.into_iter().collect(),
-            provider,
-            root_subjects,
-        })
+        });
+        Ok(())
+    }
+
+    fn bundle_for(&self, trust_domain: &str) -> Option<&Bundle> {
+        self.bundles
+            .iter()
+            .find(|b| b.trust_domains.contains(trust_domain))
     }
 
     /// Verify a presented chain (leaf first) as an X.509-SVID at `now`.
@@ -249,21 +300,40 @@ impl SvidVerifier {
     ) -> Result<VerifiedSvid, IdentityError> {
         let (leaf_der, intermediates) = chain.split_first().ok_or(IdentityError::NoCertificate)?;
         let leaf = webpki::EndEntityCert::try_from(leaf_der).map_err(chain_error)?;
-        leaf.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &self.anchors,
-            intermediates,
-            now,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(chain_error)?;
+        let parsed = X509Certificate::from_der(leaf_der).map(|(_, cert)| cert);
+        // The bundle of the trust domain the certificate claims. Not trusted
+        // yet: it only picks the anchors the chain must reach.
+        let claimed = parsed.as_ref().ok().and_then(|cert| svid_rules(cert).ok());
+        let bundle = claimed
+            .as_ref()
+            .and_then(|id| self.bundle_for(id.trust_domain()));
+        let anchors = bundle.map_or(&self.all_anchors, |b| &b.anchors);
+        let verify_with = |anchors: &[TrustAnchor<'_>]| {
+            leaf.verify_for_usage(
+                self.provider.signature_verification_algorithms.all,
+                anchors,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .map(|_| ())
+        };
+        if let Err(error) = verify_with(anchors) {
+            // Chains to another domain's bundle: say so, it is a
+            // configuration (or impersonation) matter, not an unknown CA.
+            if let (Some(id), webpki::Error::UnknownIssuer) = (&claimed, &error) {
+                if self.bundles.len() > 1 && verify_with(&self.all_anchors).is_ok() {
+                    return Err(IdentityError::ForeignIssuer(id.trust_domain().to_owned()));
+                }
+            }
+            return Err(chain_error(error));
+        }
 
-        let (_, cert) =
-            X509Certificate::from_der(leaf_der).map_err(|_| IdentityError::Unparseable)?;
+        let cert = parsed.map_err(|_| IdentityError::Unparseable)?;
         let id = svid_rules(&cert)?;
-        if !self.trust_domains.contains(id.trust_domain()) {
+        if self.bundle_for(id.trust_domain()).is_none() {
             return Err(IdentityError::UntrustedDomain(id.trust_domain().to_owned()));
         }
         Ok(VerifiedSvid {

@@ -110,3 +110,36 @@ fn unknown_keys_are_refused() {
         "lists the valid keys: {problem}"
     );
 }
+
+#[test]
+fn a_federated_trust_domain_has_one_bundle_and_a_valid_name() {
+    let errors = refused(
+        r#"
+[listen]
+address = "127.0.0.1:5432"
+[tls]
+cert = "server.pem"
+key = "server-key.pem"
+trust_bundle = "ca.pem"
+trust_domains = ["example.org"]
+[tls.federation]
+"example.org" = "again.pem"
+"Not A Domain" = "partner.pem"
+[upstream]
+host = "127.0.0.1"
+port = 5432
+admin_user = "ephemera_admin"
+admin_password_file = "password"
+"#,
+    );
+    let find = |key: &str| {
+        errors
+            .problems
+            .iter()
+            .find(|p| p.key == key)
+            .unwrap_or_else(|| panic!("{key} not reported: {errors}"))
+            .to_string()
+    };
+    assert!(find("tls.federation.example.org").contains("also in tls.trust_domains"));
+    assert!(find("tls.federation.Not A Domain").contains("not a trust domain name"));
+}
