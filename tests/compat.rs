@@ -893,11 +893,14 @@ async fn tokio_scenarios(a: &Endpoint, b: &Endpoint) -> Value {
     doc.insert("settings".into(), shown);
     drop(client);
 
-    // LISTEN/NOTIFY between two identities.
+    // LISTEN/NOTIFY between two identities, on a channel of our own (the
+    // direct and the proxied run, and other clients' tests, run side by side
+    // in the same database).
     let (listener, mut notifications) = a.connect(app).await;
     let (notifier, _) = b.connect(app).await;
+    let channel = format!("compat_{}", uuid::Uuid::new_v4().simple());
     listener
-        .batch_execute("LISTEN compat_channel")
+        .batch_execute(&format!("LISTEN {channel}"))
         .await
         .expect("LISTEN");
     let notifier_pid: i32 = notifier
@@ -910,19 +913,23 @@ async fn tokio_scenarios(a: &Endpoint, b: &Endpoint) -> Value {
         simple_rows(&notifier, "SELECT current_user").await,
     );
     notifier
-        .batch_execute(
-            "NOTIFY compat_channel, 'hello ü'; SELECT pg_notify('compat_channel', 'second')",
-        )
+        .batch_execute(&format!(
+            "NOTIFY {channel}, 'hello ü'; SELECT pg_notify('{channel}', 'second')"
+        ))
         .await
         .expect("NOTIFY");
     let mut got = vec![];
     for _ in 0..2 {
-        let (channel, payload, pid) =
+        let (got_channel, payload, pid) =
             tokio::time::timeout(Duration::from_secs(10), notifications.recv())
                 .await
                 .expect("a notification within 10 s")
                 .expect("the connection is open");
-        got.push(json!([channel, payload, pid == notifier_pid]));
+        got.push(json!([
+            got_channel == channel,
+            payload,
+            pid == notifier_pid
+        ]));
     }
     doc.insert(
         "listen_notify".into(),
@@ -970,6 +977,11 @@ async fn tokio_postgres_scenarios_match_the_direct_run() {
     let (proxied, direct) = tokio::join!(tokio_scenarios(&pa, &pb), tokio_scenarios(&da, &db));
     show_document("tokio-postgres", &proxied);
     assert_same("tokio-postgres", &direct, &proxied);
+    assert_eq!(
+        proxied["listen_notify"]["got"],
+        json!([[true, "hello ü", true], [true, "second", true]]),
+        "both notifications arrive, from the notifier's backend"
+    );
     assert_eq!(
         proxied["identity"][4],
         json!(["compat-tokio"]),
@@ -1024,8 +1036,13 @@ fn assert_same_text(client: &str, direct: &str, proxied: &str) {
     );
 }
 
+/// The channel name psql's output shows, whatever the run's own channel.
+const PSQL_CHANNEL: &str = "compat_channel";
+
 /// The psql script: simple protocol throughout (psql 15 has no `\bind`).
-fn psql_script(other: &Endpoint) -> String {
+/// `channel` is this run's own LISTEN/NOTIFY channel: the direct and the
+/// proxied run go side by side in one database.
+fn psql_script(other: &Endpoint, channel: &str) -> String {
     let mut s = String::from(
         r#"\set ON_ERROR_STOP 0
 SELECT current_user, session_user, application_name, pg_has_role(current_user, 'billing_rw', 'MEMBER') FROM pg_stat_activity WHERE pid = pg_backend_pid();
@@ -1059,8 +1076,8 @@ SET DateStyle = 'ISO, DMY'; SET TIME ZONE 'Asia/Tokyo'; SET work_mem = '7MB'; SE
 SHOW DateStyle; SHOW TimeZone; SHOW work_mem; SHOW IntervalStyle; SHOW client_encoding;
 SELECT '2024-03-01 12:00:00+00'::timestamptz, '1 day 2 hours'::interval;
 RESET ALL; SHOW work_mem;
-LISTEN compat_channel;
-\! {psql} "{conninfo}" -X -q -c "NOTIFY compat_channel, 'hello ü'" -c "SELECT pg_notify('compat_channel', current_user)"
+LISTEN {channel};
+\! {psql} "{conninfo}" -X -q -c "NOTIFY {channel}, 'hello ü'" -c "SELECT pg_notify('{channel}', current_user)"
 SELECT 'after notify';
 "#,
         psql = bin("psql").display(),
@@ -1080,7 +1097,8 @@ async fn psql_scenarios_match_the_direct_run() {
         ("PGOPTIONS", "-c statement_timeout=54321"),
     ];
     let run_psql = |a: &Endpoint, b: &Endpoint, what: &'static str| {
-        let (conninfo, script, psql) = (a.conninfo(), psql_script(b), psql.clone());
+        let channel = format!("compat_{}", uuid::Uuid::new_v4().simple());
+        let (conninfo, script, psql) = (a.conninfo(), psql_script(b, &channel), psql.clone());
         async move {
             // Unaligned: column widths would depend on the role names' length.
             let args = [conninfo.as_str(), "-X", "-A", "-f", "-"];
@@ -1088,7 +1106,9 @@ async fn psql_scenarios_match_the_direct_run() {
             let mut args: Vec<&str> = args.to_vec();
             args.push("-L");
             args.push("/dev/null");
-            try_run(what, &psql, &args, &envs, Some(script.into_bytes())).await
+            try_run(what, &psql, &args, &envs, Some(script.into_bytes()))
+                .await
+                .map(|out| out.replace(&channel, PSQL_CHANNEL))
         }
     };
     let (proxied, direct) = tokio::join!(

@@ -183,6 +183,9 @@ async function scenarioBigBytea(a) {
 async function scenarioListenNotify(aEndpoint, bEndpoint) {
   const listener = await connect(aEndpoint)
   const notifier = await connect(bEndpoint)
+  // A channel of our own: other runs (direct and proxied run side by side)
+  // LISTEN/NOTIFY in the same database.
+  const channel = 'compat_' + crypto.randomBytes(6).toString('hex')
   try {
     const got = []
     let resolve
@@ -191,19 +194,19 @@ async function scenarioListenNotify(aEndpoint, bEndpoint) {
       got.push(n)
       if (got.length === 2) resolve()
     })
-    await listener.query('LISTEN compat_channel')
+    await listener.query(`LISTEN ${channel}`)
     const notifierPid = (await notifier.query('SELECT pg_backend_pid() AS pid')).rows[0].pid
     const who = [
       (await listener.query('SELECT current_user AS u')).rows[0].u,
       (await notifier.query('SELECT current_user AS u')).rows[0].u,
     ]
-    await notifier.query("NOTIFY compat_channel, 'hello ü'")
-    await notifier.query("SELECT pg_notify('compat_channel', 'second')")
+    await notifier.query(`NOTIFY ${channel}, 'hello ü'`)
+    await notifier.query(`SELECT pg_notify('${channel}', 'second')`)
     let timer
     await Promise.race([two, new Promise((_, reject) => (timer = setTimeout(() => reject(new Error('no notification within 10 s')), 10000)))])
     clearTimeout(timer)
     return {
-      notifications: got.map((n) => ({ channel: n.channel, payload: n.payload, from_notifier: n.processId === notifierPid })),
+      notifications: got.map((n) => ({ own_channel: n.channel === channel, payload: n.payload, from_notifier: n.processId === notifierPid })),
       different_roles: who[0] !== who[1],
     }
   } finally {

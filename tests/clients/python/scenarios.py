@@ -11,6 +11,7 @@ results of every scenario, to be compared between the two runs.
 import datetime
 import decimal
 import hashlib
+import secrets
 import json
 import sys
 import threading
@@ -181,16 +182,20 @@ def scenario_big_bytea(a):
 def scenario_listen_notify(a_endpoint, b_endpoint):
     listener = connect(a_endpoint, autocommit=True)
     notifier = connect(b_endpoint, autocommit=True)
+    # A channel of our own: other runs (direct and proxied run side by side)
+    # LISTEN/NOTIFY in the same database.
+    channel = "compat_" + secrets.token_hex(6)
     try:
-        listener.execute("LISTEN compat_channel")
+        listener.execute(f"LISTEN {channel}")
         notifier_pid = notifier.execute("SELECT pg_backend_pid()").fetchone()[0]
         who = [listener.execute("SELECT current_user").fetchone()[0],
                notifier.execute("SELECT current_user").fetchone()[0]]
-        notifier.execute("NOTIFY compat_channel, 'hello ü'")
-        notifier.execute("SELECT pg_notify('compat_channel', 'second')")
+        notifier.execute(f"NOTIFY {channel}, 'hello ü'")
+        notifier.execute(f"SELECT pg_notify('{channel}', 'second')")
         got = []
         for n in listener.notifies(timeout=10, stop_after=2):
-            got.append({"channel": n.channel, "payload": n.payload, "from_notifier": n.pid == notifier_pid})
+            got.append({"own_channel": n.channel == channel, "payload": n.payload,
+                        "from_notifier": n.pid == notifier_pid})
         return {"notifications": got, "different_roles": who[0] != who[1]}
     finally:
         listener.close()
