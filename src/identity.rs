@@ -301,12 +301,15 @@ impl SvidVerifier {
         let (leaf_der, intermediates) = chain.split_first().ok_or(IdentityError::NoCertificate)?;
         let leaf = webpki::EndEntityCert::try_from(leaf_der).map_err(chain_error)?;
         let parsed = X509Certificate::from_der(leaf_der).map(|(_, cert)| cert);
-        // The bundle of the trust domain the certificate claims. Not trusted
-        // yet: it only picks the anchors the chain must reach.
-        let claimed = parsed.as_ref().ok().and_then(|cert| svid_rules(cert).ok());
-        let bundle = claimed
+        // The SVID rules, checked once; their verdict is reported only after
+        // the chain's. Until the chain is verified the SPIFFE ID is merely
+        // claimed: it only picks the bundle the chain must reach.
+        let rules = parsed
             .as_ref()
-            .and_then(|id| self.bundle_for(id.trust_domain()));
+            .map_err(|_| IdentityError::Unparseable)
+            .and_then(svid_rules);
+        let claimed = rules.as_ref().ok();
+        let bundle = claimed.and_then(|id| self.bundle_for(id.trust_domain()));
         let anchors = bundle.map_or(&self.all_anchors, |b| &b.anchors);
         let verify_with = |anchors: &[TrustAnchor<'_>]| {
             leaf.verify_for_usage(
@@ -323,7 +326,7 @@ impl SvidVerifier {
         if let Err(error) = verify_with(anchors) {
             // Chains to another domain's bundle: say so, it is a
             // configuration (or impersonation) matter, not an unknown CA.
-            if let (Some(id), webpki::Error::UnknownIssuer) = (&claimed, &error) {
+            if let (Some(id), webpki::Error::UnknownIssuer) = (claimed, &error) {
                 if self.bundles.len() > 1 && verify_with(&self.all_anchors).is_ok() {
                     return Err(IdentityError::ForeignIssuer(id.trust_domain().to_owned()));
                 }
@@ -332,8 +335,8 @@ impl SvidVerifier {
         }
 
         let cert = parsed.map_err(|_| IdentityError::Unparseable)?;
-        let id = svid_rules(&cert)?;
-        if self.bundle_for(id.trust_domain()).is_none() {
+        let id = rules?;
+        if bundle.is_none() {
             return Err(IdentityError::UntrustedDomain(id.trust_domain().to_owned()));
         }
         Ok(VerifiedSvid {
