@@ -6,7 +6,7 @@
 //! 2. Run CMD with `PGHOST PGPORT PGUSER PGPASSWORD PGDATABASE PGSSLMODE`
 //!    (and `PGSSLROOTCERT` if `--sslrootcert` is given) set, so any libpq
 //!    client in it logs in to the upstream PostgreSQL directly.
-//! 3. While CMD runs, renew the lease at half of its remaining time, until
+//! 3. While CMD runs, renew the lease at a third of its remaining time, until
 //!    the server no longer extends it (its `max_ttl`); SIGINT and SIGTERM
 //!    are passed on to CMD.
 //! 4. When CMD ends, revoke the lease and exit with CMD's exit code
@@ -37,7 +37,7 @@ const EXIT_SETUP_FAILED: u8 = 125;
 const EXIT_CANNOT_START: u8 = 127;
 
 /// The earliest a renewal is attempted after the previous one.
-const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
+const MIN_RENEW_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How often a revocation that failed for a transient reason is attempted.
 const REVOKE_ATTEMPTS: u32 = 3;
@@ -188,7 +188,7 @@ fn command(job: &Job, credentials: &Credentials) -> tokio::process::Command {
     command
 }
 
-/// Renew `lease` at half of its remaining time (at least
+/// Renew `lease` at a third of its remaining time (at least
 /// [`MIN_RENEW_INTERVAL`] apart) until the server stops extending it or it
 /// has expired; publishes each new expiry on `expiry`. Failures are logged
 /// and retried.
@@ -207,7 +207,9 @@ async fn keep_renewed(
             );
             return;
         }
-        let wait = (remaining / 2).max(MIN_RENEW_INTERVAL);
+        // A third, not a half: a renewal that is slow (a loaded machine, a
+        // failover) or fails once still has time for another try.
+        let wait = (remaining / 3).max(MIN_RENEW_INTERVAL);
         tokio::time::sleep(wait).await;
         match client.renew_lease(lease, None).await {
             Ok(renewed) => {
