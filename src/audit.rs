@@ -1,7 +1,9 @@
 //! The audit log: one JSON object per line, written and flushed per event.
 //!
 //! Events: `lease_issued`, `issue_failed`, `login`, `renewed`, `denied`,
-//! `revoked`, `expired`, `reaped`, `revoke_failed`. Each carries the time, the lease
+//! `revoked`, `expired`, `reaped`, `revoke_failed`, and, when a revocation had
+//! to undo something a session left behind, `object_neutralised`,
+//! `object_dropped`, `prepared_transaction_rolled_back`. Each carries the time, the lease
 //! and who/what it concerns, and the reason or the actor. There is no field
 //! that could hold a secret: events are built from [`Lease`]s, which hold
 //! none.
@@ -31,6 +33,13 @@ pub enum AuditKind {
     Expired,
     Reaped,
     RevokeFailed,
+    /// An object that would have run with the template owner's rights was
+    /// changed before the handover (`reason` names it and what changed).
+    ObjectNeutralised,
+    /// An object was dropped instead of handed over.
+    ObjectDropped,
+    /// A prepared transaction of the role was rolled back before the drop.
+    PreparedTransactionRolledBack,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -120,6 +129,39 @@ impl AuditEvent {
             reason: Some(reason),
             actor: None,
         }
+    }
+
+    /// What revocation undid for `lease` (one event per object).
+    pub fn cleanup(lease: &Lease, cleanup: &ephemera_engine::Cleanup) -> Self {
+        use ephemera_engine::Cleanup;
+        let (kind, database, reason) = match cleanup {
+            Cleanup::Neutralised {
+                database,
+                object,
+                how,
+            } => (
+                AuditKind::ObjectNeutralised,
+                database,
+                format!("{object}: {how}"),
+            ),
+            Cleanup::Dropped {
+                database,
+                object,
+                why,
+            } => (
+                AuditKind::ObjectDropped,
+                database,
+                format!("{object}: {why}"),
+            ),
+            Cleanup::PreparedTransactionRolledBack { database, gid } => (
+                AuditKind::PreparedTransactionRolledBack,
+                database,
+                format!("prepared transaction {gid:?} rolled back: its role is being dropped"),
+            ),
+        };
+        let mut event = AuditEvent::lease(kind, lease).reason(reason);
+        event.database = Some(database.clone());
+        event
     }
 
     pub fn reason(mut self, reason: impl Into<String>) -> Self {

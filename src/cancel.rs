@@ -1,7 +1,9 @@
 //! The cancel map: which upstream backend a client's cancel key stands for.
 //!
-//! Each relayed session gets a cancel key of Ephemera's own in
-//! `BackendKeyData`; the upstream's real key never leaves the proxy. A
+//! Each relayed session gets, in `BackendKeyData`, the upstream backend's
+//! real process id (so `pg_backend_pid()`, `pg_stat_activity.pid` and a
+//! notification's sender agree with what the driver was told) and a secret
+//! of Ephemera's own: the upstream's secret never leaves the proxy. A
 //! `CancelRequest` (which libpq sends on a fresh, often plaintext,
 //! certificate-less connection) is looked up here by key alone and forwarded
 //! with the upstream's key. A wrong key does nothing and the client is told
@@ -17,8 +19,8 @@ use crate::protocol::CancelKey;
 
 #[derive(Debug, Default)]
 pub struct CancelMap {
-    /// Keyed by the pid we issued; the value holds our secret and the
-    /// upstream's key.
+    /// Keyed by the upstream backend's pid; the value holds our secret and
+    /// the upstream's key.
     entries: Mutex<HashMap<i32, (i32, CancelKey)>>,
 }
 
@@ -27,22 +29,17 @@ impl CancelMap {
         Arc::new(CancelMap::default())
     }
 
-    /// Issue a fresh client key standing for `upstream`. The key is valid
-    /// until the returned registration is dropped.
+    /// Issue a client key standing for `upstream`: its pid, a fresh secret.
+    /// The key is valid until the returned registration is dropped.
     pub fn register(self: &Arc<Self>, upstream: CancelKey) -> CancelRegistration {
-        let mut rng = rand::rngs::OsRng;
-        let mut entries = self.entries.lock().expect("cancel map lock poisoned");
-        let key = loop {
-            // Positive pids, like PostgreSQL's; the secret is the real guard.
-            let pid = rng.gen_range(1..=i32::MAX);
-            if !entries.contains_key(&pid) {
-                break CancelKey {
-                    pid,
-                    secret: rng.gen(),
-                };
-            }
+        let key = CancelKey {
+            pid: upstream.pid,
+            secret: rand::rngs::OsRng.gen(),
         };
-        entries.insert(key.pid, (key.secret, upstream));
+        // A pid is only reused after its backend exited, so an entry already
+        // there belongs to a session whose end we have not yet noticed: the
+        // newer session takes the pid over.
+        self.entries().insert(key.pid, (key.secret, upstream));
         CancelRegistration {
             map: self.clone(),
             key,
@@ -51,13 +48,19 @@ impl CancelMap {
 
     /// The upstream key for a client key, if the client's secret is right.
     pub fn lookup(&self, key: CancelKey) -> Option<CancelKey> {
-        let entries = self.entries.lock().expect("cancel map lock poisoned");
+        let entries = self.entries();
         let (secret, upstream) = entries.get(&key.pid)?;
         bool::from(secret.to_be_bytes().ct_eq(&key.secret.to_be_bytes())).then_some(*upstream)
     }
 
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("cancel map lock poisoned").len()
+        self.entries().len()
+    }
+
+    /// The map stays consistent under any panic (each change is one
+    /// `insert` or `remove`), so a poisoned lock is still usable.
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<i32, (i32, CancelKey)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -81,7 +84,12 @@ impl CancelRegistration {
 
 impl Drop for CancelRegistration {
     fn drop(&mut self) {
-        if let Ok(mut entries) = self.map.entries.lock() {
+        let mut entries = self.map.entries();
+        // Only our own entry: a newer session may have taken the pid over.
+        if entries
+            .get(&self.key.pid)
+            .is_some_and(|(secret, _)| *secret == self.key.secret)
+        {
             entries.remove(&self.key.pid);
         }
     }
@@ -100,7 +108,8 @@ mod tests {
         };
         let registration = map.register(upstream);
         let key = registration.client_key();
-        assert_ne!(key, upstream);
+        assert_eq!(key.pid, upstream.pid, "the client is told the real pid");
+        assert_ne!(key.secret, upstream.secret, "but never the real secret");
         assert_eq!(map.lookup(key), Some(upstream));
         assert_eq!(
             map.lookup(CancelKey {
@@ -112,5 +121,17 @@ mod tests {
         drop(registration);
         assert_eq!(map.lookup(key), None);
         assert!(map.is_empty());
+    }
+
+    #[test]
+    fn an_old_session_ending_late_leaves_the_pids_new_owner_alone() {
+        let map = CancelMap::new();
+        let old = map.register(CancelKey { pid: 7, secret: 1 });
+        let new = map.register(CancelKey { pid: 7, secret: 2 });
+        drop(old);
+        assert_eq!(
+            map.lookup(new.client_key()),
+            Some(CancelKey { pid: 7, secret: 2 })
+        );
     }
 }

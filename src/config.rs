@@ -150,6 +150,10 @@ pub struct TemplateSection {
     pub creation_statements: Vec<String>,
     #[serde(default)]
     pub revocation_statements: Vec<String>,
+    /// With `owner`: hand the session's large objects over instead of
+    /// removing them.
+    #[serde(default)]
+    pub keep_large_objects: bool,
     #[serde(default = "defaults::ttl", with = "humantime_serde")]
     pub ttl: Duration,
     #[serde(default = "defaults::max_ttl", with = "humantime_serde")]
@@ -647,6 +651,7 @@ impl Settings {
                 owner: t.owner.clone().filter(|o| !o.is_empty()),
                 creation_statements: t.creation_statements.clone(),
                 revocation_statements: t.revocation_statements.clone(),
+                keep_large_objects: t.keep_large_objects,
             });
             templates.insert(
                 name.clone(),

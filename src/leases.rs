@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use ephemera_engine::{
     Engine, EngineError, IssueRequest, Lease, LeaseId, LeaseKind, LeaseState, Password,
-    RevokeOutcome, ScramSecret,
+    ReaperElection, RevokeOutcome, ScramSecret,
 };
 use time::OffsetDateTime;
 use tokio_util::task::TaskTracker;
@@ -336,6 +336,12 @@ impl LeaseManager {
         Ok((lease, password))
     }
 
+    /// Ephemera's own login as a session lease's role has succeeded: nobody
+    /// may log in as it again (see [`Engine::close_login`]).
+    pub async fn close_login(&self, lease: &Lease) -> Result<(), EngineError> {
+        self.engine.close_login(lease).await
+    }
+
     /// Record a successful login as the lease's role (for the audit trail).
     pub fn logged_in(&self, lease: &Lease) {
         self.audit
@@ -431,6 +437,15 @@ impl LeaseManager {
             telemetry::LEASES_REVOKED
         };
         metrics::counter!(counter, "template" => lease.template.clone(), "reason" => reason.label()).increment(1);
+        if let RevokeOutcome::Revoked { cleanup } = &outcome {
+            for undone in cleanup {
+                metrics::counter!(telemetry::REVOKE_CLEANUPS, "template" => lease.template.clone())
+                    .increment(1);
+                tracing::warn!(lease_id = %lease.id, role = %lease.role, ?undone,
+                    "revocation undid something the session left behind");
+                self.audit.record(AuditEvent::cleanup(lease, undone));
+            }
+        }
         let mut event = AuditEvent::lease(reason.audit_kind(), lease)
             .reason(reason.describe())
             .actor(reason.actor());
@@ -760,12 +775,23 @@ impl LeaseManager {
         loop {
             tick.tick().await;
             match self.engine.lead_reaper().await {
-                Ok(true) => {
+                Ok(ReaperElection::Leader) => {
                     if let Err(error) = self.reap_once().await {
                         tracing::warn!(%error, "reaper scan failed; retrying next interval");
                     }
                 }
-                Ok(false) => tracing::debug!("another replica is the reaper"),
+                Ok(ReaperElection::Follower) => tracing::debug!("another replica is the reaper"),
+                Ok(ReaperElection::Squatted { holders }) => {
+                    metrics::counter!(telemetry::REAPER_ELECTION_SQUATTED).increment(1);
+                    tracing::error!(
+                        ?holders,
+                        "the reaper election is held by a role that is not Ephemera's admin role; \
+                         reaping anyway (terminate those backends and find out who they are)"
+                    );
+                    if let Err(error) = self.reap_once().await {
+                        tracing::warn!(%error, "reaper scan failed; retrying next interval");
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot take the reaper lock; retrying next interval")
                 }

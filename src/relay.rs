@@ -1,6 +1,19 @@
-//! Relay: bytes both ways, untouched, until either side closes.
+//! Relay: bytes both ways, untouched, until the server's side closes.
+//!
+//! The upstream backend's end is the session's end: when PostgreSQL closes
+//! (a `Terminate` from the client, `pg_terminate_backend`, a FATAL error,
+//! a restart), the client is closed at once, whatever it does. A client
+//! that sent `Terminate` and kept its socket open must not keep its
+//! session, and with it its lease, alive (SECURITY.md, finding 3). When
+//! the client closes first, the upstream is told (its write side shut) and
+//! what PostgreSQL still sends is passed on until it closes too.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Buffer size for each direction of the relay.
 const RELAY_BUFFER: usize = 64 * 1024;
@@ -12,9 +25,10 @@ pub struct Relayed {
     pub to_client: u64,
 }
 
-/// Copy until both directions are done (or one fails). No message parsing
-/// on this path: the session is the client's and the server's.
-pub async fn relay<C, U>(client: &mut C, upstream: &mut U) -> std::io::Result<Relayed>
+/// Copy both ways until the upstream has closed (or either side fails).
+/// No message parsing on this path: the session is the client's and the
+/// server's.
+pub async fn relay<C, U>(client: &mut C, upstream: &mut U) -> io::Result<Relayed>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -22,11 +36,155 @@ where
     // 64 KiB buffers: bulk transfers (COPY) move ~8x fewer syscalls per MB
     // than tokio's 8 KiB default, for ~3 KiB more RSS per idle session
     // (measured in BENCHMARKS.md: COPY 0.77x -> 0.99x of direct).
-    let (to_upstream, to_client) =
-        tokio::io::copy_bidirectional_with_sizes(client, upstream, RELAY_BUFFER, RELAY_BUFFER)
-            .await?;
-    Ok(Relayed {
-        to_upstream,
-        to_client,
+    let mut up = Direction::new();
+    let mut down = Direction::new();
+    let mut upstream_shut = false;
+    poll_fn(|cx| {
+        // Server to client first: its end is the session's end.
+        if let Poll::Ready(done) = down.poll_copy(cx, &mut *upstream, &mut *client) {
+            done?;
+            // The upstream closed and everything it sent was delivered:
+            // close the client (TLS close_notify, then FIN).
+            ready!(Pin::new(&mut *client).poll_shutdown(cx)).ok();
+            return Poll::Ready(Ok::<(), io::Error>(()));
+        }
+        if !upstream_shut {
+            if let Poll::Ready(done) = up.poll_copy(cx, &mut *client, &mut *upstream) {
+                done?;
+                // The client closed: tell the server, keep passing on what
+                // it still sends until it closes.
+                ready!(Pin::new(&mut *upstream).poll_shutdown(cx))?;
+                upstream_shut = true;
+            }
+        }
+        Poll::Pending
     })
+    .await?;
+    Ok(Relayed {
+        to_upstream: up.total,
+        to_client: down.total,
+    })
+}
+
+/// One direction's buffer and progress (as in tokio's own
+/// `copy_bidirectional`, which cannot end on one side's close).
+struct Direction {
+    buf: Box<[u8]>,
+    /// `buf[pos..filled]` is read and not yet written.
+    pos: usize,
+    filled: usize,
+    read_done: bool,
+    need_flush: bool,
+    total: u64,
+}
+
+impl Direction {
+    fn new() -> Self {
+        Direction {
+            buf: vec![0; RELAY_BUFFER].into_boxed_slice(),
+            pos: 0,
+            filled: 0,
+            read_done: false,
+            need_flush: false,
+            total: 0,
+        }
+    }
+
+    /// Ready(Ok) once `reader` is at end of file and everything read has
+    /// been written to `writer` and flushed.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            if self.pos == self.filled && !self.read_done {
+                let mut buf = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {
+                        let n = buf.filled().len();
+                        if n == 0 {
+                            self.read_done = true;
+                        } else {
+                            self.pos = 0;
+                            self.filled = n;
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Nothing more to read now: push out what was
+                        // written (TLS buffers records until flushed).
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.filled {
+                let n = ready!(
+                    Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.filled])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.total += n as u64;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                self.need_flush = false;
+                return Poll::Ready(Ok::<(), io::Error>(()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn the_session_ends_when_the_server_closes_even_if_the_client_does_not() {
+        let (mut client_app, mut client_side) = tokio::io::duplex(1024);
+        let (mut server_side, mut server_app) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(async move { relay(&mut client_side, &mut server_side).await });
+        client_app.write_all(b"X\0\0\0\x04").await.unwrap();
+        let mut terminate = [0u8; 5];
+        server_app.read_exact(&mut terminate).await.unwrap();
+        server_app.write_all(b"bye").await.unwrap();
+        drop(server_app);
+        // The client keeps its end open and never closes it.
+        let relayed = relay.await.unwrap().unwrap();
+        assert_eq!((relayed.to_upstream, relayed.to_client), (5, 3));
+        let mut rest = Vec::new();
+        client_app.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"bye", "delivered, then closed");
+    }
+
+    #[tokio::test]
+    async fn after_the_client_closes_the_servers_last_words_still_arrive() {
+        let (mut client_app, mut client_side) = tokio::io::duplex(1024);
+        let (mut server_side, mut server_app) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(async move { relay(&mut client_side, &mut server_side).await });
+        client_app.write_all(b"query").await.unwrap();
+        client_app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"query");
+        server_app.write_all(b"done").await.unwrap();
+        drop(server_app);
+        relay.await.unwrap().unwrap();
+        let mut rest = Vec::new();
+        client_app.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"done");
+    }
 }

@@ -109,6 +109,14 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
         }
     };
 
+    // A session can change its role's password; with the login window closed
+    // now, that password opens nothing (SECURITY.md, finding 3).
+    if let Err(source) = proxy.leases.close_login(lease.lease()).await {
+        lease.set_end_reason(EndReason::LoginFailed);
+        let upstream = proxy.upstream.address();
+        return refuse(stream, Refusal::Mint { upstream, source }, peer).await;
+    }
+
     let cancel = proxy.cancels.register(session.backend_key);
     let mut hello = BytesMut::with_capacity(session.greeting.len() + 64);
     if request.minor_version != 0 || !request.unsupported_options.is_empty() {

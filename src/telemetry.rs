@@ -29,6 +29,10 @@ pub const ROLE_CREATION_SECONDS: &str = "ephemera_role_creation_seconds";
 pub const REAPER_LAG_SECONDS: &str = "ephemera_reaper_lag_seconds";
 pub const REVOCATIONS_PENDING: &str = "ephemera_revocations_pending";
 pub const REVOKE_FAILURES: &str = "ephemera_revoke_failures_total";
+pub const REAPER_ELECTION_SQUATTED: &str = "ephemera_reaper_election_squatted_total";
+pub const REVOKE_CLEANUPS: &str = "ephemera_revoke_cleanups_total";
+pub const BACKGROUND_TASK_FAILURES: &str = "ephemera_background_task_failures_total";
+pub const REFUSAL_EVENTS_SUPPRESSED: &str = "ephemera_refusal_events_suppressed_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -83,5 +87,21 @@ fn describe() {
     metrics::describe_counter!(
         REVOKE_FAILURES,
         "Failed revocation attempts (each is retried)"
+    );
+    metrics::describe_counter!(
+        REAPER_ELECTION_SQUATTED,
+        "Reaper elections found held by a role other than Ephemera's admin role (reaped anyway)"
+    );
+    metrics::describe_counter!(
+        REVOKE_CLEANUPS,
+        "Objects and prepared transactions a session left behind, undone at revocation"
+    );
+    metrics::describe_counter!(
+        BACKGROUND_TASK_FAILURES,
+        "Background tasks (lease clock, reaper, admin API) that failed and were restarted"
+    );
+    metrics::describe_counter!(
+        REFUSAL_EVENTS_SUPPRESSED,
+        "Refusal audit events not written because the peer exceeded its event rate"
     );
 }

@@ -12,9 +12,10 @@ use common::proxy::{
     role_prefix, roles_with_prefix, wait_until_no_roles, ProxyOptions, TestProxy, BILLING_ID,
     DATABASE, GROUP,
 };
-use common::{cluster, tls_client_config, TestCert};
+use common::raw::{message, query, read_until};
+use common::{cluster, TestCert};
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -24,67 +25,8 @@ const DISCONNECTS: usize = 50;
 /// Disconnecting clients running at the same time.
 const CONCURRENCY: usize = 5;
 
-/// Connect like libpq (SSLRequest, TLS with the SVID, StartupMessage) and
-/// read up to the first ReadyForQuery.
 async fn raw_session(proxy: &TestProxy, cert: &TestCert) -> TlsStream<TcpStream> {
-    let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-        .await
-        .expect("SSLRequest");
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await.expect("SSL answer");
-    assert_eq!(&answer, b"S");
-    let config = tls_client_config(proxy.files.server_ca.cert_pem(), Some(cert));
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-    let mut tls = connector.connect(name, tcp).await.expect("TLS");
-    let mut body = Vec::new();
-    body.extend_from_slice(&196608u32.to_be_bytes());
-    for (k, v) in [
-        ("user", DROPPED),
-        ("database", DATABASE),
-        ("application_name", "compat-drop"),
-    ] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    startup.extend_from_slice(&body);
-    tls.write_all(&startup).await.expect("StartupMessage");
-    read_until(&mut tls, b'Z').await;
-    tls
-}
-
-/// Read messages until one of type `wanted`; panics on an ErrorResponse.
-async fn read_until(tls: &mut TlsStream<TcpStream>, wanted: u8) {
-    loop {
-        let mut header = [0u8; 5];
-        tls.read_exact(&mut header).await.expect("a message");
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        tls.read_exact(&mut body).await.expect("a message body");
-        match header[0] {
-            b'E' => panic!("server error: {}", String::from_utf8_lossy(&body)),
-            t if t == wanted => return,
-            _ => {}
-        }
-    }
-}
-
-fn message(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![kind];
-    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
-}
-
-fn query(sql: &str) -> Vec<u8> {
-    let mut body = sql.as_bytes().to_vec();
-    body.push(0);
-    message(b'Q', &body)
+    common::raw::session(proxy, cert, DROPPED, "compat-drop").await
 }
 
 /// One client that goes away abruptly: mid-COPY at a random byte (most of

@@ -347,12 +347,12 @@ async fn a_role_that_cannot_be_dropped_is_retried_and_reported_until_it_can() {
         .await
         .expect("query")
         .get(0);
-    // An object in another database depends on the role: DROP OWNED in the
-    // template's database cannot remove it, so DROP ROLE fails.
+    // The role owns a database: no DROP OWNED removes that, so DROP ROLE
+    // fails.
     cluster()
         .exec_sql(
             "postgres",
-            &format!("CREATE TABLE l_stuck_blocker (x int); ALTER TABLE l_stuck_blocker OWNER TO \"{role}\";"),
+            &format!("CREATE DATABASE l_stuck_blocker OWNER \"{role}\""),
         )
         .await;
     drop(client);
@@ -380,7 +380,7 @@ async fn a_role_that_cannot_be_dropped_is_retried_and_reported_until_it_can() {
     );
 
     cluster()
-        .exec_sql("postgres", "DROP TABLE l_stuck_blocker")
+        .exec_sql("postgres", "DROP DATABASE l_stuck_blocker")
         .await;
     assert!(
         wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await,

@@ -29,8 +29,8 @@ fn plant_expired_role_sql(role: &str, template: &str) -> String {
 }
 
 /// 250 orphans (batches of 100, 100 and 50) are all dropped; one more that
-/// cannot be dropped (it owns a table in another database, which `DROP
-/// OWNED` in the lease's database does not reach) fails its batch, which is
+/// cannot be dropped (it owns a database, which no `DROP OWNED` removes)
+/// fails its batch, which is
 /// then revoked role by role: the others still go, the blocked one is
 /// retried until the obstacle is removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,9 +48,7 @@ async fn the_reaper_drops_expired_roles_left_by_a_dead_process() {
     cluster()
         .exec_sql(
             "postgres",
-            &format!(
-                "CREATE TABLE reaper_obstacle (); ALTER TABLE reaper_obstacle OWNER TO \"{blocked}\";"
-            ),
+            &format!("CREATE DATABASE reaper_obstacle OWNER \"{blocked}\""),
         )
         .await;
 
@@ -89,7 +87,7 @@ async fn the_reaper_drops_expired_roles_left_by_a_dead_process() {
 
     // Remove the obstacle: the retry drops the last one.
     cluster()
-        .exec_sql("postgres", "DROP TABLE reaper_obstacle;")
+        .exec_sql("postgres", "DROP DATABASE reaper_obstacle")
         .await;
     assert!(
         wait_until_no_roles(&prefix, Duration::from_secs(40)).await,

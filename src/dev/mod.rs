@@ -505,6 +505,13 @@ async fn setup_demo(
         }
     }
     let _ = writeln!(sql, "GRANT {} TO {admin};", q("app_owner")?);
+    // The reaper election's schema, the admin role's alone (SECURITY.md).
+    let _ = writeln!(
+        sql,
+        "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {admin};\n\
+         REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;",
+        schema = q(ephemera_engine_postgres::election::SCHEMA)?
+    );
     if !sql.is_empty() {
         client
             .batch_execute(&sql)

@@ -380,6 +380,7 @@ impl TestCluster {
              listen_addresses = '127.0.0.1'\n\
              unix_socket_directories = {socket_dir}\n\
              max_connections = 200\n\
+             max_prepared_transactions = 20\n\
              shared_buffers = 32MB\n\
              fsync = off\n\
              synchronous_commit = off\n\

@@ -47,7 +47,9 @@ pub async fn upstream() -> &'static UpstreamFixture {
                     "CREATE ROLE {ADMIN_USER} LOGIN CREATEROLE PASSWORD '{verifier}';
                      CREATE ROLE {GROUP} NOLOGIN;
                      CREATE ROLE billing_owner NOLOGIN;
-                     GRANT billing_owner TO {ADMIN_USER};"
+                     GRANT billing_owner TO {ADMIN_USER};
+                     CREATE SCHEMA ephemera AUTHORIZATION {ADMIN_USER};
+                     REVOKE ALL ON SCHEMA ephemera FROM PUBLIC;"
                 ),
             )
             .await;

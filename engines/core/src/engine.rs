@@ -36,13 +36,62 @@ pub struct IssuedCredential {
 }
 
 /// What a successful revoke found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RevokeOutcome {
-    /// The credential existed and is now gone.
-    Revoked,
+    /// The credential existed and is now gone. `cleanup` lists what had to
+    /// be undone first (each gets an audit event of its own).
+    Revoked { cleanup: Vec<Cleanup> },
     /// Nothing to do: the credential was already gone (revoked elsewhere, or
     /// creation never committed).
     AlreadyGone,
+}
+
+impl RevokeOutcome {
+    /// Revoked, with nothing left behind to clean up.
+    pub fn revoked() -> Self {
+        RevokeOutcome::Revoked {
+            cleanup: Vec::new(),
+        }
+    }
+}
+
+/// Something a session left behind that revocation had to undo before the
+/// credential could go (see SECURITY.md, "Review findings").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cleanup {
+    /// An object that would have run with the template owner's rights once
+    /// handed over, changed so that it runs with its caller's.
+    Neutralised {
+        database: String,
+        /// The object as the database names it (`function public.f(integer)`).
+        object: String,
+        /// What was changed (`made SECURITY INVOKER`).
+        how: &'static str,
+    },
+    /// An object dropped instead of handed over.
+    Dropped {
+        database: String,
+        object: String,
+        why: &'static str,
+    },
+    /// A prepared (two-phase) transaction of the role, rolled back: nobody
+    /// but a superuser could finish it once the role is gone.
+    PreparedTransactionRolledBack { database: String, gid: String },
+}
+
+/// What [`Engine::lead_reaper`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReaperElection {
+    /// This replica reaps.
+    Leader,
+    /// Another replica (the same admin role) holds the election.
+    Follower,
+    /// The election is held or blocked by someone who is not Ephemera's
+    /// admin role: reap anyway (revocation is idempotent) and say so loudly.
+    Squatted {
+        /// Who holds it, as the database reports it (`role (pid 1234)`).
+        holders: Vec<String>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +136,14 @@ pub trait Engine: Send + Sync + 'static {
 
     async fn revoke(&self, lease: &Lease) -> Result<RevokeOutcome, EngineError>;
 
+    /// Ephemera's own login as a session lease's credential has succeeded:
+    /// make sure nobody can log in with it again (the session could have
+    /// changed its own password). Engines whose credentials cannot be
+    /// reused need not do anything.
+    async fn close_login(&self, _lease: &Lease) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// Revoke several leases (the reaper's path): one result per lease, in
     /// order, each as [`Engine::revoke`] would give it. Engines may batch;
     /// this default revokes one by one.
@@ -102,6 +159,6 @@ pub trait Engine: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<Lease>, EngineError>;
 
     /// Try to become (or stay) the one reaper among replicas sharing this
-    /// backend. `Ok(false)`: another replica reaps.
-    async fn lead_reaper(&self) -> Result<bool, EngineError>;
+    /// backend.
+    async fn lead_reaper(&self) -> Result<ReaperElection, EngineError>;
 }

@@ -15,7 +15,9 @@ mod lease;
 mod password;
 pub mod scram;
 
-pub use engine::{Engine, EngineError, IssueRequest, IssuedCredential, RevokeOutcome};
+pub use engine::{
+    Cleanup, Engine, EngineError, IssueRequest, IssuedCredential, ReaperElection, RevokeOutcome,
+};
 pub use lease::{Lease, LeaseComment, LeaseId, LeaseKind, LeaseState};
 pub use password::Password;
 pub use scram::ScramSecret;

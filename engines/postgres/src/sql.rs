@@ -48,6 +48,18 @@ pub fn quote_ident(name: &str) -> Result<Quoted, Unquotable> {
     Ok(Quoted(format!("\"{}\"", name.replace('"', "\"\""))))
 }
 
+/// A name exactly as PostgreSQL printed it for a `regclass` or
+/// `regprocedure` value (with `search_path` empty, so always
+/// schema-qualified): the server has quoted each part already, the same way
+/// it parses them back. The only way names read from the catalog reach SQL
+/// text other than through [`quote_ident`].
+pub fn printed_by_server(name: &str) -> Result<Quoted, Unquotable> {
+    if name.contains('\0') {
+        return Err(Unquotable { what: "name" });
+    }
+    Ok(Quoted(name.to_owned()))
+}
+
 /// Quote a literal: `'…'` with `'` doubled. If the text contains a backslash
 /// the `E'…'` form is used with backslashes doubled too, so the result means
 /// the same whatever `standard_conforming_strings` is set to.

@@ -18,6 +18,9 @@ pub struct RoleTemplate {
     pub creation_statements: Vec<String>,
     /// Extra SQL run before the role is dropped.
     pub revocation_statements: Vec<String>,
+    /// With an `owner`: hand the session's large objects over too, instead
+    /// of removing them (`keep_large_objects`, default false).
+    pub keep_large_objects: bool,
 }
 
 /// The longest template name that still leaves room for the role-name prefix
