@@ -1,4 +1,5 @@
-//! Two replicas on one upstream share the reaper through an advisory lock:
+//! Two replicas on one upstream share the reaper through a row lock in
+//! `ephemera.reaper_election`:
 //! kill the holder and the other takes over. (Its own test binary, so its
 //! own cluster: no other Ephemera competes for the lock.)
 
