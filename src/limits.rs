@@ -99,3 +99,160 @@ mod tests {
         assert!(limiter.try_take_at("a", start + Duration::from_secs(10)));
     }
 }
+
+/// A cap on open connections where, at the cap, the oldest connection is
+/// closed to make room for the new one (the admin API's policy: honest
+/// clients make short requests; a flood of idle connections must not lock
+/// an operator out, nor take every file descriptor).
+#[derive(Debug)]
+pub struct OpenConnections {
+    cap: usize,
+    /// Oldest first: each connection's id and the signal that closes it.
+    open: Mutex<std::collections::VecDeque<(u64, std::sync::Arc<tokio::sync::Notify>)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl OpenConnections {
+    pub fn new(cap: usize) -> Self {
+        OpenConnections {
+            cap: cap.max(1),
+            open: Mutex::new(std::collections::VecDeque::new()),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Count a new connection in, closing the oldest if at the cap.
+    pub fn admit(self: &std::sync::Arc<Self>) -> ConnectionSlot {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let close = std::sync::Arc::new(tokio::sync::Notify::new());
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while open.len() >= self.cap {
+            if let Some((_, oldest)) = open.pop_front() {
+                // notify_one stores a permit: works even before the
+                // connection's task first waits.
+                oldest.notify_one();
+            }
+        }
+        open.push_back((id, close.clone()));
+        ConnectionSlot {
+            id,
+            close,
+            connections: self.clone(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One connection's place under an [`OpenConnections`] cap.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    id: u64,
+    close: std::sync::Arc<tokio::sync::Notify>,
+    connections: std::sync::Arc<OpenConnections>,
+}
+
+impl ConnectionSlot {
+    /// Run the connection until it ends or is shed to make room.
+    pub async fn run(self, connection: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            () = connection => {}
+            () = self.close.notified() => {
+                tracing::debug!("connection closed to make room for a newer one");
+            }
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .connections
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        open.retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// How long an accept loop waits after a failed accept (typically out of
+/// file descriptors, EMFILE): doubling from 10 ms to 1 s, so the loop
+/// neither spins nor stays deaf for long once descriptors are free again.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    next: std::time::Duration,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff { next: Self::FIRST }
+    }
+}
+
+impl AcceptBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(10);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Self::MAX);
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Raise the soft limit on open files to the hard limit, so that the
+/// connection caps, not the usual soft limit of 1 024, are what bounds
+/// Ephemera. Returns the new soft limit.
+pub fn raise_file_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
+#[cfg(test)]
+mod connection_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn at_the_cap_the_oldest_connection_makes_room() {
+        let open = Arc::new(OpenConnections::new(2));
+        let first = open.admit();
+        let _second = open.admit();
+        let _third = open.admit();
+        assert_eq!(open.len(), 2);
+        // The first was told to close: its run ends at once.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            first.run(std::future::pending()),
+        )
+        .await
+        .expect("the oldest connection is shed");
+    }
+}

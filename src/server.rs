@@ -146,6 +146,12 @@ impl Server {
     /// Bind the listening socket and build the shared state. Nothing is
     /// accepted until [`Server::serve`].
     pub async fn bind(settings: Settings) -> Result<Server, ServeError> {
+        // The connection caps, not a default soft limit of 1 024, should be
+        // what bounds us (SECURITY.md, finding 5).
+        match crate::limits::raise_file_limit() {
+            Ok(limit) => tracing::debug!(limit, "open file limit"),
+            Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
+        }
         let listener =
             TcpListener::bind(settings.listen)
                 .await
@@ -272,11 +278,17 @@ impl Server {
         } = self;
         let connections = TaskTracker::new();
         let mut background = tokio::task::JoinSet::new();
-        background.spawn(proxy.leases.clone().run_clock());
-        background.spawn(proxy.leases.clone().run_reaper(reaper_interval));
+        let leases = proxy.leases.clone();
+        background.spawn(supervise("lease clock", move || leases.clone().run_clock()));
+        let leases = proxy.leases.clone();
+        background.spawn(supervise("reaper", move || {
+            leases.clone().run_reaper(reaper_interval)
+        }));
         if let Some(admin) = admin {
-            background.spawn(admin.serve());
+            let admin = Arc::new(admin);
+            background.spawn(supervise("admin API", move || admin.clone().serve()));
         }
+        let mut backoff = crate::limits::AcceptBackoff::default();
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .expect("installing a SIGHUP handler cannot fail on Unix");
         tokio::pin!(shutdown);
@@ -291,12 +303,13 @@ impl Server {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
+                        backoff.reset();
                         connections.spawn(handle_connection(proxy.clone(), tcp, peer));
                     }
                     Err(error) => {
                         // Typically out of file descriptors: back off, keep serving.
                         tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        backoff.wait().await;
                     }
                 }
             }
@@ -322,9 +335,71 @@ impl Server {
     }
 }
 
+/// Run a background task for the life of the server: if it ever ends (a
+/// panic, or a return that should not happen) that is logged at ERROR,
+/// counted, and the task is started again after a pause. A dead lease
+/// clock or reaper must never go unnoticed while roles keep being minted.
+async fn supervise<F, Fut>(name: &'static str, start: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    const RESTART_PAUSE: Duration = Duration::from_secs(1);
+    /// Aborting the supervisor (at shutdown) aborts the task too.
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    loop {
+        let task = tokio::spawn(start());
+        let _abort = AbortOnDrop(task.abort_handle());
+        let outcome = task.await;
+        metrics::counter!(crate::telemetry::BACKGROUND_TASK_FAILURES, "task" => name).increment(1);
+        match outcome {
+            Err(error) if error.is_panic() => {
+                tracing::error!(task = name, "background task panicked; restarting it")
+            }
+            Err(error) => {
+                tracing::error!(task = name, %error, "background task failed; restarting it")
+            }
+            Ok(()) => tracing::error!(task = name, "background task stopped; restarting it"),
+        }
+        tokio::time::sleep(RESTART_PAUSE).await;
+    }
+}
+
 async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     if let Some(admitted) = front_door::admit_within_timeout(&proxy, tcp, peer).await {
         session::run(proxy, admitted, peer).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_background_task_that_panics_is_started_again() {
+        let starts = Arc::new(AtomicUsize::new(0));
+        let counted = starts.clone();
+        let supervisor = tokio::spawn(supervise("test task", move || {
+            let counted = counted.clone();
+            async move {
+                if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("the first run dies");
+                }
+                std::future::pending::<()>().await
+            }
+        }));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while starts.load(Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "never restarted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        supervisor.abort();
     }
 }

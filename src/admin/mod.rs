@@ -47,6 +47,16 @@ use crate::tls::SharedTls;
 /// How long a client has to finish the TLS handshake.
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a client has to send a request's headers, and how long an idle
+/// keep-alive connection is kept waiting for the next request.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Admin API connections open at once. At the cap, the oldest connection
+/// is closed to make room: a flood of idle connections (from anyone who can
+/// reach the port) cannot lock out an operator, and uses no more than this
+/// many file descriptors.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// What the handlers work with.
 pub struct AdminState {
     pub leases: Arc<LeaseManager>,
@@ -112,25 +122,31 @@ impl AdminServer {
     }
 
     /// Serve until the task is dropped.
-    pub async fn serve(self) {
+    pub async fn serve(self: Arc<Self>) {
         let router = router(self.shared.clone());
         tracing::info!(address = %self.local_addr(), "admin API is listening");
+        let open = Arc::new(crate::limits::OpenConnections::new(MAX_CONNECTIONS));
+        let mut backoff = crate::limits::AcceptBackoff::default();
         loop {
             let (tcp, peer) = match self.listener.accept().await {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    backoff.reset();
+                    accepted
+                }
                 Err(error) => {
                     tracing::warn!(%error, "admin API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backoff.wait().await;
                     continue;
                 }
             };
+            let slot = open.admit();
             let material = self.tls.current();
             let Some(tls) = material.admin_acceptor.clone() else {
                 tracing::error!("admin API has no TLS configuration; closing the connection");
                 continue;
             };
             let router = router.clone();
-            tokio::spawn(async move {
+            tokio::spawn(slot.run(async move {
                 let stream = match tokio::time::timeout(TLS_TIMEOUT, tls.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
@@ -149,12 +165,14 @@ impl AdminServer {
                 };
                 let service = TowerToHyperService::new(router.layer(Extension(caller)));
                 if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
                     tracing::debug!(client_addr = %peer, %error, "admin API connection error");
                 }
-            });
+            }));
         }
     }
 }
