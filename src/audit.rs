@@ -65,6 +65,10 @@ pub struct AuditEvent {
     /// `reaper`, `policy`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// For refusals: how many refusals of the same peer before this one
+    /// were not recorded (over its event rate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
 }
 
 impl AuditEvent {
@@ -81,6 +85,7 @@ impl AuditEvent {
             client_addr: lease.client_addr.map(|a| a.to_string()),
             reason: None,
             actor: None,
+            suppressed: None,
         }
     }
 
@@ -128,7 +133,13 @@ impl AuditEvent {
             client_addr: Some(client_addr.to_string()),
             reason: Some(reason),
             actor: None,
+            suppressed: None,
         }
+    }
+
+    pub fn suppressed(mut self, count: u64) -> Self {
+        self.suppressed = Some(count);
+        self
     }
 
     /// What revocation undid for `lease` (one event per object).

@@ -27,6 +27,10 @@ use crate::server::Proxy;
 /// The first byte of a TLS handshake record: a client starting TLS directly.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
+/// How much of a string an unauthenticated client sent is kept in logs and
+/// audit events (template names are at most 40 characters).
+const UNTRUSTED_MAX_CHARS: usize = 64;
+
 /// A client that got through the front door.
 pub struct Admitted {
     pub stream: TlsStream<TcpStream>,
@@ -108,7 +112,12 @@ pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Optio
             svid,
         }),
         Err(e) => {
-            let template = startup.parameters.get("user").cloned();
+            // Not authenticated: what it claims is cut and escaped before
+            // it reaches a log or the audit trail.
+            let template = startup
+                .parameters
+                .get("user")
+                .map(|user| crate::limits::untrusted_text(user, UNTRUSTED_MAX_CHARS));
             refuse_and_audit(proxy, tls, Refusal::Identity(e), peer, None, template).await;
             None
         }
@@ -131,9 +140,15 @@ async fn accept_tls(
 }
 
 /// Send the refusal as a FATAL `ErrorResponse` and close.
-pub async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, refusal: Refusal, peer: SocketAddr) {
-    metrics::counter!(crate::telemetry::DENIALS, "reason" => refusal.label()).increment(1);
+pub async fn refuse<S: AsyncWrite + Unpin>(stream: S, refusal: Refusal, peer: SocketAddr) {
     tracing::info!(client_addr = %peer, sqlstate = refusal.sqlstate(), reason = %refusal, "connection refused");
+    refuse_quietly(stream, refusal).await;
+}
+
+/// [`refuse`] without the log line (the peer is over its refusal event
+/// rate; the refusal is still counted).
+async fn refuse_quietly<S: AsyncWrite + Unpin>(mut stream: S, refusal: Refusal) {
+    metrics::counter!(crate::telemetry::DENIALS, "reason" => refusal.label()).increment(1);
     let _ = stream.write_all(&refusal.to_message()).await;
     let _ = stream.shutdown().await;
 }
@@ -147,13 +162,20 @@ pub async fn refuse_and_audit<S: AsyncWrite + Unpin>(
     identity: Option<String>,
     template: Option<String>,
 ) {
-    proxy.leases.audit().record(AuditEvent::denied(
-        identity,
-        template,
-        peer,
-        refusal.to_string(),
-    ));
-    refuse(stream, refusal, peer).await;
+    match proxy.refusal_events.admit(peer.ip()) {
+        Some(suppressed) => {
+            let mut event = AuditEvent::denied(identity, template, peer, refusal.to_string());
+            if suppressed > 0 {
+                event = event.suppressed(suppressed);
+            }
+            proxy.leases.audit().record(event);
+            refuse(stream, refusal, peer).await;
+        }
+        None => {
+            metrics::counter!(crate::telemetry::REFUSAL_EVENTS_SUPPRESSED).increment(1);
+            refuse_quietly(stream, refusal).await;
+        }
+    }
 }
 
 /// Shared by the accept loop: run the front door under the handshake timeout.

@@ -256,3 +256,89 @@ mod connection_tests {
         .expect("the oldest connection is shed");
     }
 }
+
+/// Refusal audit events, rate-limited per peer address: a client that is
+/// refused in a loop (with or without a certificate) gets a few events a
+/// second, not one per connection; what was left out is counted and said
+/// in the next event that is written.
+#[derive(Debug)]
+pub struct RefusalEvents {
+    limiter: RateLimiter,
+    suppressed: Mutex<HashMap<std::net::IpAddr, u64>>,
+}
+
+impl Default for RefusalEvents {
+    fn default() -> Self {
+        RefusalEvents {
+            limiter: RateLimiter::new(Self::PER_SECOND, Self::BURST),
+            suppressed: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl RefusalEvents {
+    const PER_SECOND: f64 = 2.0;
+    const BURST: u32 = 10;
+
+    /// `Some(n)`: record this refusal, saying that `n` before it were left
+    /// out; `None`: leave it out (it is counted).
+    pub fn admit(&self, peer: std::net::IpAddr) -> Option<u64> {
+        let mut suppressed = self.suppressed.lock().unwrap_or_else(|p| p.into_inner());
+        if self.limiter.try_take(&peer.to_string()) {
+            Some(suppressed.remove(&peer).unwrap_or(0))
+        } else {
+            if suppressed.len() >= MAX_TRACKED && !suppressed.contains_key(&peer) {
+                // Counted in the metric only.
+                return None;
+            }
+            *suppressed.entry(peer).or_insert(0) += 1;
+            None
+        }
+    }
+}
+
+/// A string a client sent before it was authenticated, fit for a log line
+/// or an audit event: at most `max` characters, control characters and
+/// anything outside printable ASCII escaped, and the original length said
+/// when it was cut.
+pub fn untrusted_text(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(max.min(text.len()) + 16);
+    for (shown, c) in text.chars().enumerate() {
+        if shown == max {
+            out.push_str(&format!("...({} bytes)", text.len()));
+            return out;
+        }
+        if c.is_ascii_graphic() || c == ' ' {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn untrusted_text_is_cut_and_escaped() {
+        assert_eq!(untrusted_text("billing_rw", 64), "billing_rw");
+        assert_eq!(untrusted_text("a\nb\u{1b}[31m", 64), "a\\nb\\u{1b}[31m");
+        let long = "x".repeat(10_000);
+        let shown = untrusted_text(&long, 64);
+        assert!(shown.len() < 100, "{shown}");
+        assert!(shown.ends_with("...(10000 bytes)"), "{shown}");
+    }
+
+    #[test]
+    fn a_refused_peer_gets_a_burst_then_a_count_of_what_was_left_out() {
+        let events = RefusalEvents::default();
+        let peer: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let written = (0..100).filter_map(|_| events.admit(peer)).count();
+        assert!(written <= 12, "{written}");
+        assert!(events.suppressed.lock().unwrap()[&peer] >= 88);
+        let other: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!(events.admit(other), Some(0), "other peers are not affected");
+    }
+}

@@ -41,6 +41,8 @@ pub struct Proxy {
     pub max_connections: usize,
     /// Role creation per identity, shared with the admin API's `/v1/creds`.
     pub issue_limiter: Arc<crate::limits::RateLimiter>,
+    /// Refusal audit events per peer address (SECURITY.md, finding 6).
+    pub refusal_events: crate::limits::RefusalEvents,
 }
 
 impl Proxy {
@@ -208,6 +210,7 @@ impl Server {
             sessions: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
             max_connections: settings.max_connections,
             issue_limiter: issue_limiter.clone(),
+            refusal_events: crate::limits::RefusalEvents::default(),
         });
         let admin = match (settings.admin, admin_listener) {
             (Some(admin), Some(listener)) => Some(AdminServer::new(

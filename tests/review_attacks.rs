@@ -367,3 +367,56 @@ async fn backend_key_data_carries_the_real_pid() {
     assert!(roles_with_prefix(&role_prefix(template)).await.is_empty());
     proxy.shutdown().await;
 }
+
+/// Finding 6: a client without a certificate put ~10 KB in its startup
+/// `user`, and every connection wrote it to the audit log and the process
+/// log (300 connections, 3 MB). Now it is cut and escaped, and refusal
+/// events are rate-limited per peer, with a count of what was left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_client_cannot_flood_the_audit_log() {
+    let template = "r_flood";
+    let proxy = TestProxy::start(ProxyOptions::templates(&[template])).await;
+    let huge = format!("{}\u{1b}[2J", "u".repeat(9_000));
+    for _ in 0..300 {
+        let mut config = proxy.pg_config(&huge, DATABASE);
+        config.connect_timeout(Duration::from_secs(10));
+        let tls = common::make_tls_connect(proxy.files.server_ca.cert_pem(), None);
+        let refused = config.connect(tls).await;
+        assert!(refused.is_err(), "no certificate, no session");
+    }
+    let audit =
+        std::fs::read_to_string(proxy.files.dir.path().join("audit.jsonl")).unwrap_or_default();
+    let denied: Vec<serde_json::Value> = proxy
+        .files
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["event"] == "denied")
+        .collect();
+    assert!(!denied.is_empty(), "refusals are still audited");
+    assert!(
+        denied.len() < 60,
+        "{} refusal events for 300 refusals of one peer",
+        denied.len()
+    );
+    assert!(
+        audit.len() < 60_000,
+        "the audit log grew by {} bytes",
+        audit.len()
+    );
+    for event in &denied {
+        let template = event["template"].as_str().unwrap_or_default();
+        assert!(
+            template.len() <= 100,
+            "untruncated: {} bytes",
+            template.len()
+        );
+        assert!(!template.contains('\u{1b}'), "control characters pass");
+    }
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["suppressed"].as_u64().unwrap_or(0) > 0),
+        "a later event says how many were left out"
+    );
+    proxy.shutdown().await;
+}
