@@ -420,3 +420,44 @@ async fn an_unauthenticated_client_cannot_flood_the_audit_log() {
     );
     proxy.shutdown().await;
 }
+
+/// Finding 11: every session can read the ledger (`shobj_description` on
+/// `pg_roles`). It now carries what the reaper and revoke-by-identity need,
+/// and no client address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_a_session_can_read_carries_no_client_address() {
+    let template = "r_ledger";
+    let proxy = TestProxy::start(ProxyOptions::templates(&[template])).await;
+    let other = proxy
+        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
+        .await
+        .expect("another identity's session");
+    let reader = proxy
+        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
+        .await
+        .expect("the reading session");
+    let comments: Vec<String> = reader
+        .query(
+            "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles \
+             WHERE rolname LIKE 'eph\\_r\\_ledger\\_%' AND rolname <> current_user",
+            &[],
+        )
+        .await
+        .expect("any session can read the ledger")
+        .iter()
+        .filter_map(|row| row.get::<_, Option<String>>(0))
+        .collect();
+    assert!(!comments.is_empty(), "the other session's lease is there");
+    for comment in &comments {
+        let json: serde_json::Value = serde_json::from_str(comment).unwrap();
+        assert!(json.get("client_addr").is_none(), "{comment}");
+        assert!(!comment.contains("127.0.0.1"), "{comment}");
+        assert!(
+            json.get("expires_at").is_some(),
+            "the reaper still has what it needs"
+        );
+    }
+    drop((other, reader));
+    assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await);
+    proxy.shutdown().await;
+}

@@ -50,6 +50,10 @@ impl Lease {
     /// The record written next to the credential in the database (for
     /// PostgreSQL: `COMMENT ON ROLE`), so the database itself says which
     /// credentials exist, whose they are and when they expire.
+    ///
+    /// Every role that can connect can read it (`shobj_description`), so it
+    /// carries only what the reaper and revoke-by-identity across replicas
+    /// need: not the client's address (SECURITY.md, finding 11).
     pub fn comment(&self) -> LeaseComment {
         LeaseComment {
             ephemera_lease: 1,
@@ -58,7 +62,7 @@ impl Lease {
             identity: self.identity.clone(),
             template: self.template.clone(),
             database: self.database.clone(),
-            client_addr: self.client_addr,
+            client_addr: None,
             issued_at: self.issued_at,
             expires_at: self.expires_at,
             max_expires_at: self.max_expires_at,
@@ -93,7 +97,9 @@ pub struct LeaseComment {
     pub identity: String,
     pub template: String,
     pub database: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Written by versions before the review (issue 12); read, never
+    /// written.
+    #[serde(default, skip_serializing)]
     pub client_addr: Option<SocketAddr>,
     #[serde(with = "time::serde::rfc3339")]
     pub issued_at: OffsetDateTime,
@@ -141,5 +147,27 @@ mod tests {
         assert_eq!(LeaseComment::from_json(&json).unwrap(), lease.comment());
         let back = Lease::from_comment("postgres", lease.role.clone(), lease.comment());
         assert_eq!(back, lease);
+    }
+
+    #[test]
+    fn the_comment_never_carries_the_client_address_but_old_ones_still_read() {
+        let issued_at = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let lease = Lease {
+            id: uuid::Uuid::new_v4(),
+            engine: "postgres",
+            kind: LeaseKind::Standalone,
+            template: "t".into(),
+            role: "eph_t_x".into(),
+            identity: "spiffe://example.org/a".into(),
+            database: "db".into(),
+            client_addr: Some("192.0.2.7:5432".parse().unwrap()),
+            issued_at,
+            expires_at: issued_at,
+            max_expires_at: issued_at,
+        };
+        let json = lease.comment().to_json();
+        assert!(!json.contains("192.0.2.7"), "{json}");
+        let old = json.replace('}', ",\"client_addr\":\"192.0.2.7:5432\"}");
+        assert!(LeaseComment::from_json(&old).is_ok(), "{old}");
     }
 }
