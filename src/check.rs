@@ -16,10 +16,129 @@ fn problem(key: impl Into<String>, message: impl Into<String>) -> ConfigProblem 
     }
 }
 
+/// What `--connect` found: problems fail the check, warnings do not.
+#[derive(Debug, Default)]
+pub struct UpstreamCheck {
+    pub problems: Vec<ConfigProblem>,
+    pub warnings: Vec<ConfigProblem>,
+}
+
 /// Connect as the admin role and check what the templates need.
-pub async fn check_upstream(settings: &Settings) -> Vec<ConfigProblem> {
+pub async fn check_upstream(settings: &Settings) -> UpstreamCheck {
+    let mut check = UpstreamCheck {
+        problems: check_admin_and_templates(settings).await,
+        warnings: Vec::new(),
+    };
+    if check.problems.is_empty() {
+        check.warnings = owner_ceiling_warnings(settings).await;
+    }
+    check
+}
+
+/// How many objects a warning names before it says "and N more".
+const EXAMPLES: usize = 5;
+
+/// `owner` is the privilege ceiling of every session: whatever a session
+/// leaves behind is handed to it (SECURITY.md, finding 2). Warn where the
+/// owner may do, on the template's database, what the `member_of` groups
+/// may not.
+async fn owner_ceiling_warnings(settings: &Settings) -> Vec<ConfigProblem> {
+    let mut warnings = Vec::new();
+    for template in &settings.engine.templates {
+        let Some(owner) = &template.owner else {
+            continue;
+        };
+        let key = format!("templates.{}.owner", template.name);
+        let client = match connect(settings, &template.database).await {
+            Ok(client) => client,
+            Err(reason) => {
+                warnings.push(problem(
+                    key,
+                    format!("cannot compare the owner's privileges with the groups': {reason}"),
+                ));
+                continue;
+            }
+        };
+        let rows = client
+            .query(
+                "SELECT o.kind || ' ' || o.name || ': ' || o.priv
+                   FROM (
+                     SELECT 'table' AS kind, c.oid::pg_catalog.regclass::text AS name, p.priv,
+                            pg_catalog.has_table_privilege($1, c.oid, p.priv) AS owner_may,
+                            EXISTS (SELECT 1 FROM unnest($2::text[]) g
+                                     WHERE pg_catalog.has_table_privilege(g, c.oid, p.priv)) AS groups_may
+                       FROM pg_catalog.pg_class c
+                       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                      CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) p(priv)
+                      WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+                        AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                        AND n.nspname NOT LIKE 'pg\\_toast%'
+                     UNION ALL
+                     SELECT 'schema', pg_catalog.quote_ident(n.nspname), p.priv,
+                            pg_catalog.has_schema_privilege($1, n.oid, p.priv),
+                            EXISTS (SELECT 1 FROM unnest($2::text[]) g
+                                     WHERE pg_catalog.has_schema_privilege(g, n.oid, p.priv))
+                       FROM pg_catalog.pg_namespace n
+                      CROSS JOIN unnest(ARRAY['USAGE', 'CREATE']) p(priv)
+                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+                        AND n.nspname NOT LIKE 'pg\\_%'
+                   ) o
+                  WHERE o.owner_may AND NOT o.groups_may
+                  ORDER BY 1",
+                &[owner, &template.member_of],
+            )
+            .await;
+        match rows {
+            Ok(rows) if rows.is_empty() => {}
+            Ok(rows) => {
+                let mut examples: Vec<String> =
+                    rows.iter().take(EXAMPLES).map(|r| r.get(0)).collect();
+                if rows.len() > EXAMPLES {
+                    examples.push(format!("and {} more", rows.len() - EXAMPLES));
+                }
+                warnings.push(problem(
+                    key,
+                    format!(
+                        "{owner:?} may do what the member_of groups may not ({}); a session's \
+                         objects are handed to {owner:?}, so the owner is the privilege ceiling \
+                         of every session (docs/templates.md): use an owner with no more than \
+                         the groups' privileges",
+                        examples.join(", ")
+                    ),
+                ));
+            }
+            Err(e) => warnings.push(problem(
+                key,
+                format!(
+                    "cannot compare the owner's privileges with the groups': {}",
+                    db_message(&e)
+                ),
+            )),
+        }
+    }
+    warnings
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// A connection as the admin role to `database`.
+async fn connect(settings: &Settings, database: &str) -> Result<tokio_postgres::Client, String> {
     let admin = &settings.engine.admin;
-    let address = settings.upstream.address();
+    let mut config = admin_config(settings);
+    config.dbname(database);
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*admin.tls.client_config()).clone());
+    let (client, connection) = config.connect(tls).await.map_err(|e| db_message(&e))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn admin_config(settings: &Settings) -> tokio_postgres::Config {
+    let admin = &settings.engine.admin;
     let mut config = tokio_postgres::Config::new();
     config
         .host(&admin.host)
@@ -33,6 +152,13 @@ pub async fn check_upstream(settings: &Settings) -> Vec<ConfigProblem> {
             _ => tokio_postgres::config::SslMode::Require,
         })
         .connect_timeout(Duration::from_secs(10));
+    config
+}
+
+async fn check_admin_and_templates(settings: &Settings) -> Vec<ConfigProblem> {
+    let admin = &settings.engine.admin;
+    let address = settings.upstream.address();
+    let config = admin_config(settings);
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*admin.tls.client_config()).clone());
     let client = match config.connect(tls).await {
         Ok((client, connection)) => {
@@ -79,6 +205,40 @@ pub async fn check_upstream(settings: &Settings) -> Vec<ConfigProblem> {
                 admin.user, admin.user
             ),
         ));
+    }
+    // The reaper election's schema (SECURITY.md, finding 1).
+    match client
+        .query_one(
+            "SELECT (SELECT pg_catalog.pg_get_userbyid(nspowner)::text
+                       FROM pg_catalog.pg_namespace WHERE nspname = 'ephemera'),
+                    pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => {
+            let (owner, may_create): (Option<String>, bool) = (row.get(0), row.get(1));
+            let fix = format!(
+                "as a superuser, in database {:?}: CREATE SCHEMA ephemera AUTHORIZATION \"{}\"; \
+                 REVOKE ALL ON SCHEMA ephemera FROM PUBLIC",
+                admin.database, admin.user
+            );
+            match owner {
+                None if !may_create => problems.push(problem(
+                    "upstream.admin_database",
+                    format!("the reaper election needs the schema \"ephemera\", which does not exist and {:?} may not create; {fix}", admin.user),
+                )),
+                Some(owner) if owner != admin.user => problems.push(problem(
+                    "upstream.admin_database",
+                    format!("the schema \"ephemera\" belongs to {owner:?}, who could hold the reaper election; it must be {:?}'s alone: ALTER SCHEMA ephemera OWNER TO \"{}\" (or drop it and {fix})", admin.user, admin.user),
+                )),
+                _ => {}
+            }
+        }
+        Err(e) => problems.push(problem(
+            "upstream",
+            format!("cannot inspect the admin database: {}", db_message(&e)),
+        )),
     }
     for template in &settings.engine.templates {
         let key = format!("templates.{}", template.name);

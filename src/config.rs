@@ -167,6 +167,13 @@ pub struct PolicySection {
     pub templates: Vec<String>,
 }
 
+/// The most plaintext a TLS record towards a PostgreSQL client carries, as
+/// PostgreSQL itself sends (its SSL buffer is 8 KiB).
+pub const CLIENT_RECORD_PLAINTEXT: usize = 8192;
+/// rustls counts `max_fragment_size` with the record header (type, version,
+/// length).
+const TLS_RECORD_HEADER: usize = 5;
+
 mod defaults {
     use std::time::Duration;
 
@@ -502,6 +509,13 @@ impl Settings {
                 {
                     Ok(mut config) => {
                         config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+                        // What PostgreSQL sends: records of at most 8 KiB of
+                        // plaintext. libpq in non-blocking mode can leave a
+                        // bigger record's decrypted bytes buffered where its
+                        // socket wait never sees them, and async clients
+                        // hang (SECURITY.md, review findings).
+                        config.max_fragment_size =
+                            Some(CLIENT_RECORD_PLAINTEXT + TLS_RECORD_HEADER);
                         Some(Arc::new(config))
                     }
                     Err(e) => {

@@ -173,7 +173,7 @@ fn check_config(path: &std::path::Path, connect: bool) -> ExitCode {
         }
     };
     if connect {
-        let problems = match tokio::runtime::Builder::new_current_thread()
+        let check = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
         {
@@ -183,6 +183,15 @@ fn check_config(path: &std::path::Path, connect: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        for warning in &check.warnings {
+            eprintln!(
+                "{}: warning: {}: {}",
+                path.display(),
+                warning.key,
+                warning.message
+            );
+        }
+        let problems = check.problems;
         if !problems.is_empty() {
             eprint!(
                 "{}",

@@ -178,6 +178,28 @@ async fn connect_checks_the_upstream() {
     .await
     .expect("task");
     assert!(ok, "a Unix-socket upstream passes --connect: {text}");
+    assert!(!text.contains("warning"), "{text}");
+
+    // An owner that may do more than the groups: a warning (the owner is
+    // the ceiling of every session), not a failure.
+    c.exec_sql(
+        "billing",
+        "CREATE TABLE cc_owner_only (x int); ALTER TABLE cc_owner_only OWNER TO billing_owner;",
+    )
+    .await;
+    let (ok, text) = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || check(&config, &["--connect"])
+    })
+    .await
+    .expect("task");
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("warning: templates.billing_rw.owner:")
+            && text.contains("cc_owner_only: DELETE"),
+        "{text}"
+    );
+    c.exec_sql("billing", "DROP TABLE cc_owner_only").await;
 
     // No CREATEROLE, and a group that does not exist.
     let verifier = postgres_protocol::password::scram_sha_256(b"plain-user-pw");

@@ -496,6 +496,25 @@ async fn script_client_matches(client: &str, template: &str, program: &str, scri
     proxy.shutdown().await;
 }
 
+/// Issue 12: async libpq (psycopg's AsyncConnection) reading wide rows and
+/// COPY output, and the pid the driver is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3_async_scenarios_match_the_direct_run() {
+    require(
+        "psycopg 3 (Python)",
+        "python3",
+        &["-c", "import psycopg"],
+        "python3 -m pip install 'psycopg[binary]'",
+    );
+    script_client_matches(
+        "psycopg async",
+        "compat_async",
+        "python3",
+        &clients_dir().join("python/async_scenarios.py"),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg3_scenarios_match_the_direct_run() {
     require(

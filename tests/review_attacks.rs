@@ -461,3 +461,83 @@ async fn the_ledger_a_session_can_read_carries_no_client_address() {
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await);
     proxy.shutdown().await;
 }
+
+/// Async libpq clients hung on TLS records bigger than PostgreSQL's 8 KiB
+/// of plaintext. A tap between client and proxy reads the records' headers
+/// (type, version, length) towards the client: none carries more than
+/// 8 KiB of plaintext (plus the AEAD overhead), even for a 100 KB row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_towards_the_client_carry_at_most_8_kib_as_postgresql_sends() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let template = "r_records";
+    let proxy = TestProxy::start(ProxyOptions::templates(&[template])).await;
+    let tap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tap_port = tap.local_addr().unwrap().port();
+    let largest = Arc::new(AtomicUsize::new(0));
+    let seen = largest.clone();
+    let target = proxy.addr;
+    tokio::spawn(async move {
+        let (client, _) = tap.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        });
+        // The SSLRequest's answer ('S'), then TLS records.
+        let mut stream = Vec::new();
+        let mut at = 1;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if client_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            stream.extend_from_slice(&buf[..n]);
+            while stream.len() >= at + 5 {
+                let len = u16::from_be_bytes([stream[at + 3], stream[at + 4]]) as usize;
+                seen.fetch_max(len, Ordering::SeqCst);
+                at += 5 + len;
+            }
+        }
+    });
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("localhost")
+        .hostaddr(std::net::Ipv4Addr::LOCALHOST.into())
+        .port(tap_port)
+        .user(template)
+        .dbname(DATABASE)
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let tls = common::make_tls_connect(
+        proxy.files.server_ca.cert_pem(),
+        Some(&proxy.svid(BILLING_ID)),
+    );
+    let (client, connection) = config
+        .connect(tls)
+        .await
+        .expect("a session through the tap");
+    tokio::spawn(connection);
+    let wide: String = client
+        .query_one("SELECT repeat('x', 100000)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(wide.len(), 100_000);
+    // TLS 1.3: plaintext + content type (1) + AEAD tag (16).
+    let largest = largest.load(Ordering::SeqCst);
+    assert!(
+        largest <= 8192 + 256,
+        "a record of {largest} bytes went to the client"
+    );
+    assert!(
+        largest > 8000,
+        "the tap saw the wide row's records ({largest})"
+    );
+    drop(client);
+    proxy.shutdown().await;
+}
