@@ -457,6 +457,15 @@ fn require(client: &str, program: &str, args: &[&str], install: &str) {
     );
 }
 
+fn require_psycopg() {
+    require(
+        "psycopg 3 (Python)",
+        "python3",
+        &["-c", "import psycopg"],
+        "python3 -m pip install 'psycopg[binary]'",
+    );
+}
+
 fn script_args(a: &Endpoint, b: &Endpoint) -> String {
     json!({ "a": a.json(), "b": b.json() }).to_string()
 }
@@ -500,12 +509,7 @@ async fn script_client_matches(client: &str, template: &str, program: &str, scri
 /// COPY output, and the pid the driver is told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg3_async_scenarios_match_the_direct_run() {
-    require(
-        "psycopg 3 (Python)",
-        "python3",
-        &["-c", "import psycopg"],
-        "python3 -m pip install 'psycopg[binary]'",
-    );
+    require_psycopg();
     script_client_matches(
         "psycopg async",
         "compat_async",
@@ -517,12 +521,7 @@ async fn psycopg3_async_scenarios_match_the_direct_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg3_scenarios_match_the_direct_run() {
-    require(
-        "psycopg 3 (Python)",
-        "python3",
-        &["-c", "import psycopg"],
-        "python3 -m pip install 'psycopg[binary]'",
-    );
+    require_psycopg();
     script_client_matches(
         "psycopg",
         "compat_py",

@@ -8,28 +8,13 @@ use std::time::{Duration, Instant};
 
 use common::cluster;
 use common::proxy::{
-    admin_client, upstream, wait_until_no_roles, ProxyOptions, TestProxy, ADMIN_ID, BILLING_ID,
-    DATABASE,
+    admin_client, plant_expired_role_sql, upstream, wait_until_no_roles, ProxyOptions, TestProxy,
+    ADMIN_ID,
 };
 
-/// A role as a crashed Ephemera leaves it: an expired lease in its comment.
 async fn plant_expired_role(role: &str, template: &str) {
-    let comment = serde_json::json!({
-        "ephemera_lease": 1,
-        "lease_id": uuid::Uuid::new_v4(),
-        "kind": "standalone",
-        "identity": BILLING_ID,
-        "template": template,
-        "database": DATABASE,
-        "issued_at": "2020-01-01T00:00:00Z",
-        "expires_at": "2020-01-01T00:15:00Z",
-        "max_expires_at": "2020-01-01T01:00:00Z"
-    });
     cluster()
-        .exec_sql(
-            "postgres",
-            &format!("CREATE ROLE \"{role}\" LOGIN; COMMENT ON ROLE \"{role}\" IS '{comment}';"),
-        )
+        .exec_sql("postgres", &plant_expired_role_sql(role, template))
         .await;
 }
 

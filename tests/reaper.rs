@@ -8,25 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::cluster;
 use common::proxy::{
-    role_prefix, roles_with_prefix, wait_until_no_roles, ProxyOptions, TestProxy, BILLING_ID,
-    DATABASE,
+    plant_expired_role_sql, role_prefix, roles_with_prefix, wait_until_no_roles, ProxyOptions,
+    TestProxy,
 };
-
-/// A role as a crashed Ephemera leaves it: an expired lease in its comment.
-fn plant_expired_role_sql(role: &str, template: &str) -> String {
-    let comment = serde_json::json!({
-        "ephemera_lease": 1,
-        "lease_id": uuid::Uuid::new_v4(),
-        "kind": "session",
-        "identity": BILLING_ID,
-        "template": template,
-        "database": DATABASE,
-        "issued_at": "2020-01-01T00:00:00Z",
-        "expires_at": "2020-01-01T00:15:00Z",
-        "max_expires_at": "2020-01-01T01:00:00Z"
-    });
-    format!("CREATE ROLE \"{role}\" LOGIN; COMMENT ON ROLE \"{role}\" IS '{comment}';\n")
-}
 
 /// 250 orphans (batches of 100, 100 and 50) are all dropped; one more that
 /// cannot be dropped (it owns a database, which no `DROP OWNED` removes)

@@ -45,6 +45,20 @@ async fn events(proxy: &TestProxy, event: &str, role: &str) -> Vec<serde_json::V
         .collect()
 }
 
+/// A session of [`BILLING_ID`] through the proxy, and its role's name.
+async fn session_as_billing(proxy: &TestProxy, template: &str) -> (tokio_postgres::Client, String) {
+    let session = proxy
+        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
+        .await
+        .expect("a session");
+    let role: String = session
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("current_user")
+        .get(0);
+    (session, role)
+}
+
 /// A role the tests log in as directly, with a password (as any role with
 /// CONNECT could).
 async fn direct_role(name: &str) -> &'static str {
@@ -143,15 +157,7 @@ async fn nothing_a_session_leaves_runs_with_the_owners_rights_after_the_handover
     let mut options = ProxyOptions::templates(&[template]);
     options.template_extra = "owner = \"billing_owner\"\n".into();
     let proxy = TestProxy::start(options).await;
-    let session = proxy
-        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
-        .await
-        .expect("a session");
-    let role: String = session
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (session, role) = session_as_billing(&proxy, template).await;
     session
         .batch_execute(
             "CREATE FUNCTION public.grab_secret() RETURNS text LANGUAGE sql SECURITY DEFINER
@@ -262,15 +268,7 @@ async fn a_grant_from_another_database_does_not_make_a_role_undroppable() {
     let template = "r_xdb";
     let attacker_pw = direct_role("review_attacker").await;
     let proxy = TestProxy::start(ProxyOptions::templates(&[template])).await;
-    let victim = proxy
-        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
-        .await
-        .expect("the victim's session");
-    let role: String = victim
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (victim, role) = session_as_billing(&proxy, template).await;
     let attacker = cluster()
         .connect("review_attacker", attacker_pw, "postgres")
         .await
@@ -299,15 +297,7 @@ async fn a_prepared_transaction_does_not_outlive_its_role() {
     let template = "r_twophase";
     let gid = "review-gid-'1'";
     let proxy = TestProxy::start(ProxyOptions::templates(&[template])).await;
-    let session = proxy
-        .connect(Some(&proxy.svid(BILLING_ID)), template, DATABASE)
-        .await
-        .expect("a session");
-    let role: String = session
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (session, role) = session_as_billing(&proxy, template).await;
     session
         .batch_execute(
             "BEGIN; INSERT INTO invoices VALUES (4711, 1.00); PREPARE TRANSACTION 'review-gid-''1''';",

@@ -375,6 +375,22 @@ pub fn admin_client(
     .expect("an admin client")
 }
 
+/// A role as a crashed Ephemera leaves it: an expired lease in its comment.
+pub fn plant_expired_role_sql(role: &str, template: &str) -> String {
+    let comment = serde_json::json!({
+        "ephemera_lease": 1,
+        "lease_id": uuid::Uuid::new_v4(),
+        "kind": "session",
+        "identity": BILLING_ID,
+        "template": template,
+        "database": DATABASE,
+        "issued_at": "2020-01-01T00:00:00Z",
+        "expires_at": "2020-01-01T00:15:00Z",
+        "max_expires_at": "2020-01-01T01:00:00Z"
+    });
+    format!("CREATE ROLE \"{role}\" LOGIN; COMMENT ON ROLE \"{role}\" IS '{comment}';\n")
+}
+
 /// Roles whose names start with `prefix`, as the superuser sees them.
 pub async fn roles_with_prefix(prefix: &str) -> Vec<String> {
     let client = cluster().superuser("postgres").await;

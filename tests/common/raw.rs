@@ -65,17 +65,23 @@ pub async fn session_with_greeting(
 /// Read messages until one of type `wanted`; panics on an ErrorResponse.
 pub async fn read_until(tls: &mut TlsStream<TcpStream>, wanted: u8) {
     loop {
-        let mut header = [0u8; 5];
-        tls.read_exact(&mut header).await.expect("a message");
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        tls.read_exact(&mut body).await.expect("a message body");
-        match header[0] {
+        let (kind, body) = read_message(tls).await;
+        match kind {
             b'E' => panic!("server error: {}", String::from_utf8_lossy(&body)),
             t if t == wanted => return,
             _ => {}
         }
     }
+}
+
+/// One backend message: its type and body.
+pub async fn read_message(tls: &mut TlsStream<TcpStream>) -> (u8, Vec<u8>) {
+    let mut header = [0u8; 5];
+    tls.read_exact(&mut header).await.expect("a message");
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    tls.read_exact(&mut body).await.expect("a message body");
+    (header[0], body)
 }
 
 pub fn message(kind: u8, body: &[u8]) -> Vec<u8> {
@@ -95,12 +101,7 @@ pub fn query(sql: &str) -> Vec<u8> {
 pub async fn read_messages(tls: &mut TlsStream<TcpStream>) -> Vec<(u8, Vec<u8>)> {
     let mut messages = Vec::new();
     loop {
-        let mut header = [0u8; 5];
-        tls.read_exact(&mut header).await.expect("a message");
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        tls.read_exact(&mut body).await.expect("a message body");
-        let kind = header[0];
+        let (kind, body) = read_message(tls).await;
         messages.push((kind, body));
         if kind == b'Z' {
             return messages;
