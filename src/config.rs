@@ -24,6 +24,12 @@ use serde::Deserialize;
 use crate::identity::{AcceptAnyClientCert, SvidVerifier};
 use crate::policy::{IdPattern, Policy, PolicyRule};
 
+/// The longest duration any key accepts, and the longest `ttl` the admin
+/// API's renew accepts: 10 years (`"10y"`; humantime's year is 365.25 days).
+/// Longer ones are refused: lease times are computed from them, and far
+/// enough ahead (the year 9999) a time is no longer representable.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
 /// The ALPN protocol PostgreSQL 17 clients announce for direct TLS.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
@@ -261,6 +267,19 @@ impl Problems {
             message: message.into(),
         });
     }
+
+    /// Refuse a duration past [`MAX_DURATION`].
+    fn at_most_max(&mut self, key: impl Into<String>, value: Duration) {
+        if value > MAX_DURATION {
+            self.add(
+                key,
+                format!(
+                    "{} is too long: durations may be at most 10 years (\"10y\")",
+                    humantime::format_duration(value)
+                ),
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -405,6 +424,10 @@ impl Settings {
                 None
             }
         };
+        problems.at_most_max("listen.handshake_timeout", file.listen.handshake_timeout);
+        problems.at_most_max("upstream.connect_timeout", file.upstream.connect_timeout);
+        problems.at_most_max("lease.login_window", file.lease.login_window);
+        problems.at_most_max("lease.reap_interval", file.lease.reap_interval);
         if file.listen.handshake_timeout.is_zero() {
             problems.add(
                 "listen.handshake_timeout",
@@ -626,6 +649,8 @@ impl Settings {
             if t.ttl.is_zero() {
                 problems.add(format!("{key}.ttl"), "must be longer than 0s, e.g. \"15m\"");
             }
+            problems.at_most_max(format!("{key}.ttl"), t.ttl);
+            problems.at_most_max(format!("{key}.max_ttl"), t.max_ttl);
             if t.max_ttl < t.ttl {
                 problems.add(
                     format!("{key}.max_ttl"),

@@ -107,6 +107,18 @@ fn the_example_passes_and_each_broken_variant_is_reported_with_its_key() {
             "templates.billing_rw.max_ttl",
         ),
         (
+            "max_ttl past the 10-year maximum",
+            "max_ttl = \"1h\"",
+            "max_ttl = \"9000y\"",
+            "templates.billing_rw.max_ttl",
+        ),
+        (
+            "ttl past the 10-year maximum",
+            "ttl = \"15m\"",
+            "ttl = \"100000years\"",
+            "templates.billing_rw.ttl",
+        ),
+        (
             "missing password file",
             "admin_password_file = \"secrets/admin-password\"",
             "admin_password_file = \"secrets/nope\"",
@@ -230,4 +242,34 @@ async fn connect_checks_the_upstream() {
             .any(|l| l.trim_start().starts_with("upstream: cannot log in")),
         "{text}"
     );
+}
+
+/// A duration that would overflow lease times (it passed, and then every
+/// session panicked) is refused with its key and the maximum.
+#[test]
+fn durations_past_ten_years_are_refused_naming_the_key() {
+    let (dir, config) = example_dir();
+    let example = std::fs::read_to_string(&config).expect("read");
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        example.replacen("max_ttl = \"1h\"", "max_ttl = \"9000y\"", 1),
+    )
+    .expect("write");
+    let (ok, text) = check(&broken, &[]);
+    assert!(!ok, "9000y accepted: {text}");
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("templates.billing_rw.max_ttl:"))
+        .unwrap_or_else(|| panic!("no line names templates.billing_rw.max_ttl: {text}"));
+    assert!(line.contains("at most 10 years"), "{line}");
+
+    // The maximum itself is allowed.
+    std::fs::write(
+        &broken,
+        example.replacen("max_ttl = \"1h\"", "max_ttl = \"10y\"", 1),
+    )
+    .expect("write");
+    let (ok, text) = check(&broken, &[]);
+    assert!(ok, "10y is the documented maximum: {text}");
 }

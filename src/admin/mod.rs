@@ -197,7 +197,7 @@ impl From<LeaseError> for Failure {
             LeaseError::NotFound(_) | LeaseError::UnknownTemplate(_) => StatusCode::NOT_FOUND,
             LeaseError::Ended(_) => StatusCode::CONFLICT,
             LeaseError::Denied { .. } => StatusCode::FORBIDDEN,
-            LeaseError::BadSelector => StatusCode::BAD_REQUEST,
+            LeaseError::BadSelector | LeaseError::TtlTooLong(_) => StatusCode::BAD_REQUEST,
             LeaseError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         failure(status, error.to_string())

@@ -16,6 +16,6 @@ mod password;
 pub mod scram;
 
 pub use engine::{Engine, EngineError, IssueRequest, IssuedCredential, RevokeOutcome};
-pub use lease::{Lease, LeaseComment, LeaseId, LeaseKind, LeaseState};
+pub use lease::{checked_add, checked_sub, Lease, LeaseComment, LeaseId, LeaseKind, LeaseState};
 pub use password::Password;
 pub use scram::ScramSecret;
