@@ -19,6 +19,9 @@ fn admin_options(templates: &[&str]) -> ProxyOptions {
     options
 }
 
+/// How long an answer (and the server closing the connection) may take.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// An HTTP answer as it came over the wire.
 #[derive(Debug)]
 struct RawAnswer {
@@ -48,7 +51,7 @@ impl RawAnswer {
 /// Send `head` (request line and headers, without the blank line that ends
 /// them) and `body` to the admin API as `cert`, on a connection of its own
 /// (`Connection: close`), and read the whole answer. Written by hand so the
-/// test controls every byte (a `Content-Length` larger than what is sent).
+/// test sees exactly what the server sends (status, content type, body).
 async fn raw_request(proxy: &TestProxy, cert: &TestCert, head: &str, body: &[u8]) -> RawAnswer {
     let addr = proxy.admin_addr.expect("the admin API is configured");
     let config = tls_client_config(proxy.files.server_ca.cert_pem(), Some(cert));
@@ -65,12 +68,16 @@ async fn raw_request(proxy: &TestProxy, cert: &TestCert, head: &str, body: &[u8]
     tls.write_all(&request).await.expect("send the request");
     tls.flush().await.expect("flush");
     let mut answer = Vec::new();
-    if let Err(e) = tls.read_to_end(&mut answer).await {
+    let read = tokio::time::timeout(ANSWER_TIMEOUT, tls.read_to_end(&mut answer)).await;
+    match read {
+        Ok(Ok(_)) => {}
         // A peer that closes without close_notify: keep what arrived.
-        assert!(
-            e.kind() == std::io::ErrorKind::UnexpectedEof,
-            "reading the answer: {e}"
-        );
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Ok(Err(e)) => panic!("reading the answer: {e}"),
+        Err(_) => panic!(
+            "the connection was not closed within {ANSWER_TIMEOUT:?}; received: {:?}",
+            String::from_utf8_lossy(&answer)
+        ),
     }
     let text_end = answer
         .windows(4)
@@ -143,5 +150,36 @@ async fn a_renewal_ttl_too_long_to_compute_is_a_json_400_and_the_server_goes_on(
         .expect("a sensible renewal still works");
     assert_eq!(renewed.id, creds.lease_id);
     admin.revoke_lease(creds.lease_id).await.expect("revoke");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_size_limit_is_a_json_413() {
+    let proxy = TestProxy::start(admin_options(&["ae_body"])).await;
+    let admin_cert = proxy.svid(ADMIN_ID);
+    // One byte over the limit: the server reads all of it before it answers,
+    // so nothing unread is left to reset the connection.
+    let too_long = vec![b' '; 2 * 1024 * 1024 + 1];
+    for path in [
+        "/v1/revoke".to_owned(),
+        format!("/v1/leases/{}/renew", uuid::Uuid::new_v4()),
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}",
+            too_long.len()
+        );
+        let answer = raw_request(&proxy, &admin_cert, &head, &too_long).await;
+        assert_eq!(answer.status, 413, "{path}: {answer:?}");
+        let error = answer.api_error();
+        assert!(
+            error.error.contains("larger than 2097152 bytes"),
+            "{path}: {error:?}"
+        );
+    }
+    let addr = proxy.admin_addr.expect("the admin API is configured");
+    admin_client(&proxy.files, addr, &admin_cert)
+        .health()
+        .await
+        .expect("the admin API still answers");
     proxy.shutdown().await;
 }
