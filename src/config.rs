@@ -843,6 +843,41 @@ fn admin_tls(
     Ok(Arc::new(config))
 }
 
+/// Secret files that group or others may access (mode & 0o077 != 0, the
+/// rule by which libpq refuses a client key): `tls.key` and
+/// `upstream.admin_password_file`, paths resolved against `base`. Each
+/// warning names the key and the file and says `chmod 600`. A file that
+/// cannot be looked at is left to the loading itself to report.
+pub fn secret_file_warnings(file: &FileConfig, base: &Path) -> Vec<ConfigProblem> {
+    use std::os::unix::fs::PermissionsExt;
+    let secrets = [
+        ("tls.key", &file.tls.key),
+        (
+            "upstream.admin_password_file",
+            &file.upstream.admin_password_file,
+        ),
+    ];
+    let mut warnings = Vec::new();
+    for (key, path) in secrets {
+        let path = base.join(path);
+        let Ok(metadata) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            warnings.push(ConfigProblem {
+                key: key.to_owned(),
+                message: format!(
+                    "{} has mode {mode:04o}: group or others can access this secret (libpq would refuse such a key file); run: chmod 600 {}",
+                    path.display(),
+                    path.display()
+                ),
+            });
+        }
+    }
+    warnings
+}
+
 /// Parse the file (and environment overrides) into the schema.
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigProblem> {
     if !path.is_file() {

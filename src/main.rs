@@ -172,6 +172,13 @@ fn check_config(path: &std::path::Path, connect: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Loaded once already, so this parses.
+    if let Ok(file) = ephemera::config::read_file_config(path) {
+        let base = path.parent().unwrap_or(std::path::Path::new("."));
+        for warning in ephemera::config::secret_file_warnings(&file, base) {
+            eprintln!("warning: {warning}");
+        }
+    }
     if connect {
         let problems = match tokio::runtime::Builder::new_current_thread()
             .enable_all()

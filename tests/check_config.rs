@@ -273,3 +273,48 @@ fn durations_past_ten_years_are_refused_naming_the_key() {
     let (ok, text) = check(&broken, &[]);
     assert!(ok, "10y is the documented maximum: {text}");
 }
+
+/// A secret file that group or others can read passes, with a warning per
+/// file naming its key and path and saying `chmod 600` (as libpq refuses
+/// such a key); with mode 0600 there is no warning.
+#[test]
+fn group_or_world_readable_secret_files_are_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, config) = example_dir();
+    let key = dir.path().join("certs/server-key.pem");
+    let password = dir.path().join("secrets/admin-password");
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    chmod(&key, 0o640);
+    chmod(&password, 0o604);
+    let (ok, text) = check(&config, &[]);
+    assert!(ok, "a warning is not a failure: {text}");
+    for (name, path, mode) in [
+        ("tls.key", &key, "0640"),
+        ("upstream.admin_password_file", &password, "0604"),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("warning: {name}:")))
+            .unwrap_or_else(|| panic!("no warning for {name}: {text}"));
+        assert!(
+            line.contains(&path.display().to_string()),
+            "names the file: {line}"
+        );
+        assert!(line.contains(mode), "shows the mode: {line}");
+        assert!(
+            line.contains(&format!("chmod 600 {}", path.display())),
+            "says what to do: {line}"
+        );
+    }
+
+    chmod(&key, 0o600);
+    chmod(&password, 0o400);
+    let (ok, text) = check(&config, &[]);
+    assert!(ok, "{text}");
+    assert!(
+        !text.contains("warning"),
+        "no warning for 0600/0400: {text}"
+    );
+}
