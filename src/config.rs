@@ -24,6 +24,12 @@ use serde::Deserialize;
 use crate::identity::{AcceptAnyClientCert, SvidVerifier};
 use crate::policy::{IdPattern, Policy, PolicyRule};
 
+/// The longest duration any key accepts, and the longest `ttl` the admin
+/// API's renew accepts: 10 years (`"10y"`; humantime's year is 365.25 days).
+/// Longer ones are refused: lease times are computed from them, and far
+/// enough ahead (the year 9999) a time is no longer representable.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
 /// The ALPN protocol PostgreSQL 17 clients announce for direct TLS.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
@@ -272,6 +278,19 @@ impl Problems {
             message: message.into(),
         });
     }
+
+    /// Refuse a duration past [`MAX_DURATION`].
+    fn at_most_max(&mut self, key: impl Into<String>, value: Duration) {
+        if value > MAX_DURATION {
+            self.add(
+                key,
+                format!(
+                    "{} is too long: durations may be at most 10 years (\"10y\")",
+                    humantime::format_duration(value)
+                ),
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -416,6 +435,10 @@ impl Settings {
                 None
             }
         };
+        problems.at_most_max("listen.handshake_timeout", file.listen.handshake_timeout);
+        problems.at_most_max("upstream.connect_timeout", file.upstream.connect_timeout);
+        problems.at_most_max("lease.login_window", file.lease.login_window);
+        problems.at_most_max("lease.reap_interval", file.lease.reap_interval);
         if file.listen.handshake_timeout.is_zero() {
             problems.add(
                 "listen.handshake_timeout",
@@ -644,6 +667,8 @@ impl Settings {
             if t.ttl.is_zero() {
                 problems.add(format!("{key}.ttl"), "must be longer than 0s, e.g. \"15m\"");
             }
+            problems.at_most_max(format!("{key}.ttl"), t.ttl);
+            problems.at_most_max(format!("{key}.max_ttl"), t.max_ttl);
             if t.max_ttl < t.ttl {
                 problems.add(
                     format!("{key}.max_ttl"),
@@ -835,6 +860,41 @@ fn admin_tls(
         .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Secret files that group or others may access (mode & 0o077 != 0, the
+/// rule by which libpq refuses a client key): `tls.key` and
+/// `upstream.admin_password_file`, paths resolved against `base`. Each
+/// warning names the key and the file and says `chmod 600`. A file that
+/// cannot be looked at is left to the loading itself to report.
+pub fn secret_file_warnings(file: &FileConfig, base: &Path) -> Vec<ConfigProblem> {
+    use std::os::unix::fs::PermissionsExt;
+    let secrets = [
+        ("tls.key", &file.tls.key),
+        (
+            "upstream.admin_password_file",
+            &file.upstream.admin_password_file,
+        ),
+    ];
+    let mut warnings = Vec::new();
+    for (key, path) in secrets {
+        let path = base.join(path);
+        let Ok(metadata) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            warnings.push(ConfigProblem {
+                key: key.to_owned(),
+                message: format!(
+                    "{} has mode {mode:04o}: group or others can access this secret (libpq would refuse such a key file); run: chmod 600 {}",
+                    path.display(),
+                    path.display()
+                ),
+            });
+        }
+    }
+    warnings
 }
 
 /// Parse the file (and environment overrides) into the schema.

@@ -168,6 +168,8 @@ pub enum IdentityError {
     BadSpiffeId(SpiffeIdError),
     #[error("the trust domain {0:?} is not accepted here")]
     UntrustedDomain(String),
+    #[error("the client certificate's chain has a CA certificate ({0}) whose key usage lacks keyCertSign, so it may not sign certificates (RFC 5280); its issuer must reissue it with keyCertSign")]
+    IssuerCannotSign(String),
 }
 
 /// A verified X.509-SVID: who, and until when the certificate is valid.
@@ -311,6 +313,8 @@ impl SvidVerifier {
         let claimed = rules.as_ref().ok();
         let bundle = claimed.and_then(|id| self.bundle_for(id.trust_domain()));
         let anchors = bundle.map_or(&self.all_anchors, |b| &b.anchors);
+        // The path found, then (webpki does not look at a CA's key usage)
+        // whether each intermediate on it may sign certificates.
         let verify_with = |anchors: &[TrustAnchor<'_>]| {
             leaf.verify_for_usage(
                 self.provider.signature_verification_algorithms.all,
@@ -321,17 +325,20 @@ impl SvidVerifier {
                 None,
                 None,
             )
-            .map(|_| ())
+            .map(|path| intermediates_may_sign(&path))
         };
-        if let Err(error) = verify_with(anchors) {
-            // Chains to another domain's bundle: say so, it is a
-            // configuration (or impersonation) matter, not an unknown CA.
-            if let (Some(id), webpki::Error::UnknownIssuer) = (claimed, &error) {
-                if self.bundles.len() > 1 && verify_with(&self.all_anchors).is_ok() {
-                    return Err(IdentityError::ForeignIssuer(id.trust_domain().to_owned()));
+        match verify_with(anchors) {
+            Ok(signers) => signers?,
+            Err(error) => {
+                // Chains to another domain's bundle: say so, it is a
+                // configuration (or impersonation) matter, not an unknown CA.
+                if let (Some(id), webpki::Error::UnknownIssuer) = (claimed, &error) {
+                    if self.bundles.len() > 1 && verify_with(&self.all_anchors).is_ok() {
+                        return Err(IdentityError::ForeignIssuer(id.trust_domain().to_owned()));
+                    }
                 }
+                return Err(chain_error(error));
             }
-            return Err(chain_error(error));
         }
 
         let cert = parsed.map_err(|_| IdentityError::Unparseable)?;
@@ -357,6 +364,27 @@ fn chain_error(error: webpki::Error) -> IdentityError {
         E::BadDer | E::BadDerTime | E::TrailingData(_) => IdentityError::Unparseable,
         other => IdentityError::Invalid(other.to_string()),
     }
+}
+
+/// RFC 5280 6.1.4 (n): a CA certificate on the path whose key usage
+/// extension is present must assert keyCertSign (the X.509-SVID spec says the
+/// same of signing certificates). One without the extension is accepted, as
+/// RFC 5280 path validation, OpenSSL and so PostgreSQL itself accept it
+/// (SPIRE always sets it). webpki checks neither; the trust anchor is not
+/// looked at (a bundle entry is trusted as configured).
+fn intermediates_may_sign(path: &webpki::VerifiedPath<'_>) -> Result<(), IdentityError> {
+    for cert in path.intermediate_certificates() {
+        let der = cert.der();
+        let (_, parsed) =
+            X509Certificate::from_der(&der).map_err(|_| IdentityError::Unparseable)?;
+        let key_usage = parsed.key_usage().map_err(|_| IdentityError::Unparseable)?;
+        if key_usage.is_some_and(|ku| !ku.value.key_cert_sign()) {
+            return Err(IdentityError::IssuerCannotSign(
+                parsed.subject().to_string(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The X.509-SVID rules for a leaf beyond what path validation checks.

@@ -25,15 +25,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ephemera_engine::{
-    Engine, EngineError, IssueRequest, Lease, LeaseId, LeaseKind, LeaseState, Password,
-    ReaperElection, RevokeOutcome, ScramSecret,
+    checked_add, checked_sub, Engine, EngineError, IssueRequest, Lease, LeaseId, LeaseKind,
+    LeaseState, Password, ReaperElection, RevokeOutcome, ScramSecret,
 };
 use time::OffsetDateTime;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::api::{LeaseFilter, LeaseView, RevokeRequest};
 use crate::audit::{AuditEvent, AuditKind, AuditLog};
-use crate::config::{Rules, TemplateSettings};
+use crate::config::{Rules, TemplateSettings, MAX_DURATION};
 use crate::identity::SpiffeId;
 use crate::policy::Decision;
 use crate::telemetry;
@@ -137,6 +137,8 @@ pub enum LeaseError {
     Denied { identity: String, template: String },
     #[error("give exactly one of identity, identity_prefix or template")]
     BadSelector,
+    #[error("ttl {0} is too long: at most 10 years (\"10y\"); a lease never lives past its max_expires_at anyway")]
+    TtlTooLong(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -236,7 +238,9 @@ impl LeaseManager {
         svid_not_after: Option<OffsetDateTime>,
     ) -> Result<(Lease, ScramSecret, Option<Password>), EngineError> {
         let now = whole_seconds(OffsetDateTime::now_utc());
-        let mut max_expires_at = now + settings.max_ttl;
+        let mut max_expires_at = checked_add(now, settings.max_ttl).ok_or_else(|| {
+            EngineError::TimeOutOfRange(format!("now + the max_ttl of template {template:?}"))
+        })?;
         let mut svid_capped = false;
         if let (true, Some(not_after)) = (self.bind_to_svid, svid_not_after) {
             if not_after < max_expires_at {
@@ -578,10 +582,16 @@ impl LeaseManager {
         ttl: Option<Duration>,
         actor: &str,
     ) -> Result<LeaseView, LeaseError> {
+        let too_long =
+            |ttl: Duration| LeaseError::TtlTooLong(humantime::format_duration(ttl).to_string());
+        if let Some(ttl) = ttl.filter(|ttl| *ttl > MAX_DURATION) {
+            return Err(too_long(ttl));
+        }
         let mut lease = self.find_active(id).await?;
         let template_ttl = self.rules().templates.get(&lease.template).map(|t| t.ttl);
         let ttl = ttl.or(template_ttl).unwrap_or(Duration::from_secs(15 * 60));
-        lease.expires_at = whole_seconds(OffsetDateTime::now_utc() + ttl).min(lease.max_expires_at);
+        let until = checked_add(OffsetDateTime::now_utc(), ttl).ok_or_else(|| too_long(ttl))?;
+        lease.expires_at = whole_seconds(until).min(lease.max_expires_at);
         self.engine.renew(&lease).await?;
         if let Some(entry) = self.lock().active.get_mut(&id) {
             entry.lease.expires_at = lease.expires_at;
@@ -710,7 +720,7 @@ impl LeaseManager {
             } else if now >= lease.expires_at {
                 ending.push((lease.id, EndReason::Expired));
             } else if lease.kind == LeaseKind::Session
-                && now >= lease.expires_at - entry.ttl / 2
+                && checked_sub(lease.expires_at, entry.ttl / 2).is_none_or(|half| now >= half)
                 && now >= entry.renew_not_before
                 && lease.expires_at < lease.max_expires_at
             {
@@ -720,8 +730,10 @@ impl LeaseManager {
                 match rules.templates.get(&lease.template) {
                     Some(template) if allowed => {
                         let mut renewed = lease.clone();
-                        renewed.expires_at =
-                            whole_seconds(now + template.ttl).min(lease.max_expires_at);
+                        // Past the representable range is past max_expires_at.
+                        renewed.expires_at = checked_add(now, template.ttl)
+                            .map_or(lease.max_expires_at, whole_seconds)
+                            .min(lease.max_expires_at);
                         renewing.push(renewed);
                     }
                     _ => ending.push((lease.id, EndReason::PolicyChanged)),
@@ -760,7 +772,8 @@ impl LeaseManager {
                 Err(error) => {
                     tracing::warn!(lease_id = %lease.id, %error, "renewing a lease failed; retrying in 1 s");
                     if let Some(entry) = self.lock().active.get_mut(&lease.id) {
-                        entry.renew_not_before = now + Duration::from_secs(1);
+                        entry.renew_not_before =
+                            checked_add(now, Duration::from_secs(1)).unwrap_or(now);
                     }
                 }
             }

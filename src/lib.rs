@@ -28,6 +28,7 @@ pub mod check;
 pub mod config;
 pub mod dev;
 pub mod front_door;
+pub mod hardening;
 pub mod identity;
 pub mod leases;
 pub mod limits;

@@ -117,6 +117,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The commands that read the admin password (and, serving, hold every
+    // session's SCRAM keys): no core file, no ptrace by the same user.
+    if matches!(
+        cli.command,
+        Command::Serve { .. } | Command::Dev { .. } | Command::CheckConfig { .. }
+    ) {
+        if let Err(error) = ephemera::hardening::forbid_core_dumps() {
+            eprintln!("ephemera: cannot disable core dumps (prctl PR_SET_DUMPABLE / RLIMIT_CORE): {error}");
+            return ExitCode::FAILURE;
+        }
+    }
     // `dev` prints its own progress and instructions; keep its log quiet.
     let default_level = if matches!(cli.command, Command::Dev { .. }) {
         "warn,deadpool=error"
@@ -172,6 +183,13 @@ fn check_config(path: &std::path::Path, connect: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Loaded once already, so this parses.
+    if let Ok(file) = ephemera::config::read_file_config(path) {
+        let base = path.parent().unwrap_or(std::path::Path::new("."));
+        for warning in ephemera::config::secret_file_warnings(&file, base) {
+            eprintln!("warning: {warning}");
+        }
+    }
     if connect {
         let check = match tokio::runtime::Builder::new_current_thread()
             .enable_all()

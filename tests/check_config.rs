@@ -107,6 +107,18 @@ fn the_example_passes_and_each_broken_variant_is_reported_with_its_key() {
             "templates.billing_rw.max_ttl",
         ),
         (
+            "max_ttl past the 10-year maximum",
+            "max_ttl = \"1h\"",
+            "max_ttl = \"9000y\"",
+            "templates.billing_rw.max_ttl",
+        ),
+        (
+            "ttl past the 10-year maximum",
+            "ttl = \"15m\"",
+            "ttl = \"100000years\"",
+            "templates.billing_rw.ttl",
+        ),
+        (
             "missing password file",
             "admin_password_file = \"secrets/admin-password\"",
             "admin_password_file = \"secrets/nope\"",
@@ -251,5 +263,80 @@ async fn connect_checks_the_upstream() {
         text.lines()
             .any(|l| l.trim_start().starts_with("upstream: cannot log in")),
         "{text}"
+    );
+}
+
+/// A duration that would overflow lease times (it passed, and then every
+/// session panicked) is refused with its key and the maximum.
+#[test]
+fn durations_past_ten_years_are_refused_naming_the_key() {
+    let (dir, config) = example_dir();
+    let example = std::fs::read_to_string(&config).expect("read");
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        example.replacen("max_ttl = \"1h\"", "max_ttl = \"9000y\"", 1),
+    )
+    .expect("write");
+    let (ok, text) = check(&broken, &[]);
+    assert!(!ok, "9000y accepted: {text}");
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("templates.billing_rw.max_ttl:"))
+        .unwrap_or_else(|| panic!("no line names templates.billing_rw.max_ttl: {text}"));
+    assert!(line.contains("at most 10 years"), "{line}");
+
+    // The maximum itself is allowed.
+    std::fs::write(
+        &broken,
+        example.replacen("max_ttl = \"1h\"", "max_ttl = \"10y\"", 1),
+    )
+    .expect("write");
+    let (ok, text) = check(&broken, &[]);
+    assert!(ok, "10y is the documented maximum: {text}");
+}
+
+/// A secret file that group or others can read passes, with a warning per
+/// file naming its key and path and saying `chmod 600` (as libpq refuses
+/// such a key); with mode 0600 there is no warning.
+#[test]
+fn group_or_world_readable_secret_files_are_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, config) = example_dir();
+    let key = dir.path().join("certs/server-key.pem");
+    let password = dir.path().join("secrets/admin-password");
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    chmod(&key, 0o640);
+    chmod(&password, 0o604);
+    let (ok, text) = check(&config, &[]);
+    assert!(ok, "a warning is not a failure: {text}");
+    for (name, path, mode) in [
+        ("tls.key", &key, "0640"),
+        ("upstream.admin_password_file", &password, "0604"),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("warning: {name}:")))
+            .unwrap_or_else(|| panic!("no warning for {name}: {text}"));
+        assert!(
+            line.contains(&path.display().to_string()),
+            "names the file: {line}"
+        );
+        assert!(line.contains(mode), "shows the mode: {line}");
+        assert!(
+            line.contains(&format!("chmod 600 {}", path.display())),
+            "says what to do: {line}"
+        );
+    }
+
+    chmod(&key, 0o600);
+    chmod(&password, 0o400);
+    let (ok, text) = check(&config, &[]);
+    assert!(ok, "{text}");
+    assert!(
+        !text.contains("warning"),
+        "no warning for 0600/0400: {text}"
     );
 }

@@ -13,7 +13,8 @@
 //! | POST | /v1/revoke | [`RevokeRequest`] | [`RevokeResponse`] (admin) |
 //! | POST | /v1/creds/{template} | | [`Credentials`] (any SVID the policy allows the template) |
 //!
-//! Errors are [`ApiError`] with 400, 403, 404, 409 or 503.
+//! Errors are [`ApiError`] with 400, 403, 404, 409, 413 (body too large),
+//! 429 or 503.
 
 use std::time::Duration;
 

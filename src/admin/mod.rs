@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -56,6 +56,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// reach the port) cannot lock out an operator, and uses no more than this
 /// many file descriptors.
 pub const MAX_CONNECTIONS: usize = 256;
+
+/// The largest request body read (the bodies are a few bytes of JSON; this is
+/// axum's default, made explicit so the error can say it). Past it: 413.
+const MAX_REQUEST_BODY: usize = 2 * 1024 * 1024;
 
 /// What the handlers work with.
 pub struct AdminState {
@@ -193,6 +197,7 @@ fn router(shared: Arc<Shared>) -> Router {
                 "no such endpoint; see docs/admin-api.yaml",
             )
         })
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
         .with_state(shared)
 }
 
@@ -215,7 +220,7 @@ impl From<LeaseError> for Failure {
             LeaseError::NotFound(_) | LeaseError::UnknownTemplate(_) => StatusCode::NOT_FOUND,
             LeaseError::Ended(_) => StatusCode::CONFLICT,
             LeaseError::Denied { .. } => StatusCode::FORBIDDEN,
-            LeaseError::BadSelector => StatusCode::BAD_REQUEST,
+            LeaseError::BadSelector | LeaseError::TtlTooLong(_) => StatusCode::BAD_REQUEST,
             LeaseError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         failure(status, error.to_string())
@@ -235,6 +240,20 @@ fn lease_id(id: Result<Path<LeaseId>, PathRejection>) -> Result<LeaseId, Failure
             StatusCode::BAD_REQUEST,
             format!("{}; a lease id is a UUID", e.body_text()),
         )
+    })
+}
+
+/// The request body, or the JSON error (413 past [`MAX_REQUEST_BODY`])
+/// instead of axum's plain-text rejection.
+fn request_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Failure> {
+    body.map_err(|e| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is larger than {MAX_REQUEST_BODY} bytes; the admin API's bodies are small JSON objects")
+        } else {
+            format!("cannot read the request body: {}", e.body_text())
+        };
+        failure(status, message)
     })
 }
 
@@ -342,10 +361,11 @@ async fn renew_lease(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
     id: Result<Path<LeaseId>, PathRejection>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaseView>, Failure> {
     let id = lease_id(id)?;
     let actor = admin_or_holder(&shared, &caller, id).await?;
+    let body = request_body(body)?;
     let request: RenewRequest = if body.is_empty() {
         RenewRequest::default()
     } else {
@@ -374,9 +394,10 @@ async fn revoke_lease(
 async fn revoke_matching(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RevokeResponse>, Failure> {
     let actor = admin(&shared, &caller)?.to_string();
+    let body = request_body(body)?;
     let selector: RevokeRequest = serde_json::from_slice(&body).map_err(|e| {
         failure(
             StatusCode::BAD_REQUEST,

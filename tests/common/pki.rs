@@ -87,8 +87,24 @@ impl TestCa {
 
     /// A new intermediate CA signed by `self`.
     pub fn intermediate(&self, name: &str) -> TestCa {
+        self.intermediate_with_key_usages(
+            name,
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign],
+        )
+    }
+
+    /// A new intermediate CA signed by `self` (`CA:TRUE`) whose key usage
+    /// extension lists `key_usages` (none: no key usage extension at all),
+    /// e.g. digitalSignature only, which RFC 5280 forbids for a CA that
+    /// signs certificates.
+    pub fn intermediate_with_key_usages(
+        &self,
+        name: &str,
+        key_usages: Vec<KeyUsagePurpose>,
+    ) -> TestCa {
         let key = KeyPair::generate().expect("rcgen can always generate a P-256 key");
         let mut params = ca_params(name);
+        params.key_usages = key_usages;
         params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(&key, &self.issuer)

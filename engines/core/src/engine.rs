@@ -114,6 +114,10 @@ pub enum EngineError {
     InvalidTemplate { template: String, reason: String },
     #[error("the credential {0:?} no longer exists")]
     Gone(String),
+    /// A lease time computed from a duration is not representable (an
+    /// absurdly long ttl, max_ttl or login_window).
+    #[error("{0} is out of the range of representable times; use a shorter duration")]
+    TimeOutOfRange(String),
 }
 
 /// A backend that can mint, renew, list and revoke credentials.

@@ -3,6 +3,19 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+/// `at + duration`, or `None` if that is not a representable time (past
+/// the year 9999) or the duration does not fit `time::Duration`. Every lease
+/// time computed from a configured or client-supplied duration goes through
+/// this, never through `+` (which panics on overflow).
+pub fn checked_add(at: OffsetDateTime, duration: std::time::Duration) -> Option<OffsetDateTime> {
+    at.checked_add(time::Duration::try_from(duration).ok()?)
+}
+
+/// `at - duration`, or `None` if out of range (see [`checked_add`]).
+pub fn checked_sub(at: OffsetDateTime, duration: std::time::Duration) -> Option<OffsetDateTime> {
+    at.checked_sub(time::Duration::try_from(duration).ok()?)
+}
+
 /// A lease's identifier (a random UUID).
 pub type LeaseId = uuid::Uuid;
 
@@ -122,6 +135,18 @@ impl LeaseComment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checked_time_arithmetic_reports_overflow_instead_of_panicking() {
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let minute = std::time::Duration::from_secs(60);
+        assert_eq!(checked_add(now, minute), Some(now + minute));
+        assert_eq!(checked_sub(now, minute), Some(now - minute));
+        let ages = std::time::Duration::from_secs(100_000 * 31_557_600);
+        assert_eq!(checked_add(now, ages), None);
+        assert_eq!(checked_sub(now, ages), None);
+        assert_eq!(checked_add(now, std::time::Duration::MAX), None);
+    }
 
     #[test]
     fn comment_round_trips_through_json() {

@@ -18,6 +18,6 @@ pub mod scram;
 pub use engine::{
     Cleanup, Engine, EngineError, IssueRequest, IssuedCredential, ReaperElection, RevokeOutcome,
 };
-pub use lease::{Lease, LeaseComment, LeaseId, LeaseKind, LeaseState};
+pub use lease::{checked_add, checked_sub, Lease, LeaseComment, LeaseId, LeaseKind, LeaseState};
 pub use password::Password;
 pub use scram::ScramSecret;

@@ -307,10 +307,18 @@ impl Engine for PostgresEngine {
         let issued_at = OffsetDateTime::now_utc()
             .replace_nanosecond(0)
             .expect("0 ns is valid");
-        let expires_at = (issued_at + request.ttl).min(request.max_expires_at);
+        let expires_at = ephemera_engine::checked_add(issued_at, request.ttl)
+            .ok_or_else(|| EngineError::TimeOutOfRange("issue time + ttl".into()))?
+            .min(request.max_expires_at);
         let (secret, password, valid_until) = match request.kind {
             // Ephemera logs in itself, once, right away.
-            LeaseKind::Session => (ScramSecret::generate(), None, issued_at + self.login_window),
+            LeaseKind::Session => (
+                ScramSecret::generate(),
+                None,
+                ephemera_engine::checked_add(issued_at, self.login_window).ok_or_else(|| {
+                    EngineError::TimeOutOfRange("issue time + lease.login_window".into())
+                })?,
+            ),
             // The client logs in with a password for as long as the lease lives.
             LeaseKind::Standalone => {
                 let password = Password::generate();
