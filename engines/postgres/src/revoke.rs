@@ -407,10 +407,8 @@ pub fn drop_sql(
         .collect::<Result<Vec<_>, _>>()?;
     let mut sql =
         format!("SELECT pg_catalog.set_config('lock_timeout', '{LOCK_TIMEOUT}', true);\n");
-    if !plan.changes.is_empty() {
-        // The planned names are schema-qualified; nothing else resolves here.
-        sql.push_str("SELECT pg_catalog.set_config('search_path', '', true);\n");
-    }
+    // The planned names were printed schema-qualified, so they resolve
+    // whatever the search_path; the revocation statements see the usual one.
     for (role, quoted_role) in roles.iter().zip(&quoted) {
         for change in plan.changes.get(role.role).into_iter().flatten() {
             sql.push_str(&change.statement);
