@@ -239,7 +239,7 @@ async fn a_command_that_cannot_start_exits_127_and_a_refusal_never_runs_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_stops_at_max_ttl_and_the_lease_is_left_to_expire() {
     let template = "x_maxttl";
-    // Generous margins: exec renews at half the remaining time (2 s), which a
+    // Generous margins: exec renews at a third of the remaining time, which a
     // loaded machine may delay, but not past the 4 s TTL.
     let proxy = start_proxy(&[template], "ttl = \"4s\"\nmax_ttl = \"6s\"").await;
     // Outlives max_ttl: the proxy ends the lease at 6 s whatever exec does.
@@ -258,8 +258,10 @@ async fn renewal_stops_at_max_ttl_and_the_lease_is_left_to_expire() {
         "one line about max_ttl:\n{stderr}"
     );
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await);
-    // Renewed once (to max_ttl), then left alone; it ended by itself.
-    assert_eq!(events_by_job(&proxy, "renewed", template), 1);
+    // Renewed up to max_ttl (at 1.3 s and 2.7 s), then left alone; it
+    // ended by itself.
+    let renewed = events_by_job(&proxy, "renewed", template);
+    assert!((1..=3).contains(&renewed), "renewed {renewed} times");
     assert_eq!(events_by_job(&proxy, "revoked", template), 0);
     proxy.shutdown().await;
 }
