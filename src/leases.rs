@@ -806,7 +806,17 @@ impl LeaseManager {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot take the reaper lock; retrying next interval")
+                    // Expiry must not depend on the election: without one
+                    // (not set up, or refused), every replica reaps;
+                    // revocation is idempotent. A database that is down
+                    // fails the scan too, which is then only a warning.
+                    metrics::counter!(telemetry::REAPER_ELECTION_SQUATTED, "cause" => "unavailable")
+                        .increment(1);
+                    tracing::error!(%error,
+                        "cannot hold the reaper election; reaping anyway (see docs/operating.md)");
+                    if let Err(error) = self.reap_once().await {
+                        tracing::warn!(%error, "reaper scan failed; retrying next interval");
+                    }
                 }
             }
         }

@@ -90,7 +90,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         REAPER_ELECTION_SQUATTED,
-        "Reaper elections found held by a role other than Ephemera's admin role (reaped anyway)"
+        "Reaper elections held by a role other than the admin role (cause=held) or impossible (cause=unavailable); reaped anyway"
     );
     metrics::describe_counter!(
         REVOKE_CLEANUPS,

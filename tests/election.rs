@@ -18,6 +18,21 @@ async fn plant_expired_role(role: &str, template: &str) {
         .await;
 }
 
+/// Terminate the backend holding the leader's election transaction.
+async fn end_the_leaders_election() {
+    cluster()
+        .superuser("postgres")
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename = 'ephemera_admin' AND datname = 'postgres' \
+             AND state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .expect("terminate the leader's election connection");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_other_role_can_hold_or_block_the_reaper_election() {
     upstream().await;
@@ -80,16 +95,7 @@ async fn no_other_role_can_hold_or_block_the_reaper_election() {
     });
     // Make this replica lose the lead: end its election transaction; the
     // superuser, queued for the lock, gets it first.
-    cluster()
-        .superuser("postgres")
-        .await
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE usename = 'ephemera_admin' AND datname = 'postgres' AND state LIKE 'idle in transaction%'",
-            &[],
-        )
-        .await
-        .expect("terminate the leader's election connection");
+    end_the_leaders_election().await;
     let superuser = locking.await.expect("the superuser holds the lock");
     let second = "eph_e_squat_expired00000000001";
     plant_expired_role(second, template).await;
@@ -118,6 +124,25 @@ async fn no_other_role_can_hold_or_block_the_reaper_election() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     superuser.batch_execute("ROLLBACK").await.unwrap();
+
+    // No election possible at all (the schema is gone and the admin role
+    // may not create it, as after an upgrade nobody prepared): the replica
+    // reaps anyway. The DROP queues for the table; ending the leader's
+    // election transaction lets it through before the next election.
+    let dropping = tokio::spawn(async move {
+        superuser
+            .batch_execute("DROP SCHEMA ephemera CASCADE")
+            .await
+            .expect("drop the election schema");
+    });
+    end_the_leaders_election().await;
+    dropping.await.expect("the schema is dropped");
+    let third = "eph_e_squat_expired00000000002";
+    plant_expired_role(third, template).await;
+    assert!(
+        wait_until_no_roles(third, Duration::from_secs(15)).await,
+        "reaped without any election"
+    );
     drop(squatter);
     proxy.shutdown().await;
 }

@@ -616,7 +616,9 @@ async fn setup_sql(env: &Env, admin_password: &str) -> Result<(), Error> {
         .batch_execute(&format!(
             "CREATE ROLE {ADMIN_USER} LOGIN CREATEROLE PASSWORD '{admin_verifier}';
              CREATE ROLE {GROUP} NOLOGIN;
-             CREATE ROLE {DIRECT_USER} LOGIN PASSWORD '{direct_verifier}' IN ROLE {GROUP};"
+             CREATE ROLE {DIRECT_USER} LOGIN PASSWORD '{direct_verifier}' IN ROLE {GROUP};
+             CREATE SCHEMA ephemera AUTHORIZATION {ADMIN_USER};
+             REVOKE ALL ON SCHEMA ephemera FROM PUBLIC;"
         ))
         .await?;
     client

@@ -561,45 +561,32 @@ impl PostgresEngine {
             .collect::<Result<Vec<_>, _>>()
             .map_err(unquotable)?;
         let client = self.client(database, action).await?;
-        // 1. Fence: no new logins, no backends left.
-        if let Err(e) = client.batch_execute(&revoke::fence_sql(&quoted)).await {
-            if e.code().map(|c| c.code()) == Some(UNDEFINED_OBJECT) {
+        // 1. and 2., one round trip: fence (membership, NOLOGIN), terminate
+        // and wait, then read the plan with search_path empty so that its
+        // names come out schema-qualified.
+        let version = self.server_version(&client).await?;
+        let mut sql = revoke::fence_sql(&quoted);
+        sql.push_str(&revoke::terminate_sql(&quoted).map_err(unquotable)?);
+        sql.push_str("SET LOCAL search_path = '';\n");
+        sql.push_str(&revoke::plan_sql(version, &revoke::plan_params(roles)).map_err(unquotable)?);
+        let messages = match client.simple_query(&sql).await {
+            Ok(messages) => messages,
+            Err(e) if e.code().map(|c| c.code()) == Some(UNDEFINED_OBJECT) => {
                 return Err(RevokeError::Gone(client));
             }
-            return Err(db_error(action, e).into());
-        }
-        let version = self.server_version(&client).await?;
-        let mut client = client;
-        let plan = {
-            // The plan's names are printed with search_path empty, so that
-            // they come out schema-qualified.
-            let tx = client
-                .transaction()
-                .await
-                .map_err(|e| db_error(action, e))?;
-            let mut sql = revoke::terminate_sql(&quoted).map_err(unquotable)?;
-            sql.push_str("SET LOCAL search_path = '';\n");
-            tx.batch_execute(&sql)
-                .await
-                .map_err(|e| db_error("terminate a role's backends", e))?;
-            // 2. Plan.
-            let [all, handed_over, large_objects] = revoke::plan_params(roles);
-            let rows = tx
-                .query(
-                    &revoke::plan_sql(version),
-                    &[&all, &handed_over, &large_objects],
-                )
-                .await
-                .map_err(|e| db_error("read what a role left behind", e))?;
-            tx.commit().await.map_err(|e| db_error(action, e))?;
-            Plan::from_rows(
-                database,
-                rows.iter()
-                    .map(|row| [row.get(0), row.get(1), row.get(2), row.get(3)]),
-                version,
-            )
-            .map_err(unquotable)?
+            Err(e) => return Err(db_error(action, e).into()),
         };
+        let rows = messages.iter().filter_map(|message| match message {
+            // The plan's rows have four columns; the terminations' one.
+            tokio_postgres::SimpleQueryMessage::Row(row) if row.len() == 4 => Some([
+                row.get(0).map(str::to_owned),
+                row.get(1).map(str::to_owned),
+                row.get(2).map(str::to_owned),
+                row.get(3).map(str::to_owned),
+            ]),
+            _ => None,
+        });
+        let plan = Plan::from_rows(database, rows, version).map_err(unquotable)?;
         drop(client);
         // 3. Prepared transactions, then the other databases.
         for prepared in &plan.prepared {

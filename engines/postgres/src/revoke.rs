@@ -82,11 +82,12 @@ pub fn terminate_sql(roles: &[Quoted]) -> Result<String, Unquotable> {
     ))
 }
 
-/// Step 2's query. `$1`: every role name; `$2`: the roles whose objects are
-/// handed to an owner; `$3`: the roles whose large objects are removed.
+/// Step 2's query, for the roles in `params` (see [`plan_params`]): every
+/// role name; the roles whose objects are handed to an owner; the roles
+/// whose large objects are removed.
 /// Rows: role, kind, name, detail. With `search_path` empty, `regclass` and
 /// `regprocedure` print schema-qualified and quoted.
-pub fn plan_sql(server_version: i32) -> String {
+pub fn plan_sql(server_version: i32, params: &[Vec<String>; 3]) -> Result<String, Unquotable> {
     let mut sql = String::from(
         "WITH r AS (SELECT oid, rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1)),
               h AS (SELECT oid, rolname FROM r WHERE rolname = ANY($2))
@@ -152,7 +153,42 @@ pub fn plan_sql(server_version: i32) -> String {
            JOIN h ON c.relowner = h.oid WHERE x.stxexprs IS NOT NULL",
         );
     }
-    sql
+    // Inlined as literals: the plan runs in the same simple query as the
+    // fence, one round trip. One pass, so that a name can never be taken
+    // for a placeholder.
+    let lists = params
+        .iter()
+        .map(|names| {
+            let list = names
+                .iter()
+                .map(|n| quote_literal(n).map(|q| q.to_string()))
+                .collect::<Result<Vec<_>, _>>()?
+                .join(", ");
+            Ok(format!("ARRAY[{list}]::text[]"))
+        })
+        .collect::<Result<Vec<_>, Unquotable>>()?;
+    let mut out = String::with_capacity(sql.len() + 256);
+    let mut rest = sql.as_str();
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let index = rest[at + 1..]
+            .chars()
+            .next()
+            .and_then(|c| c.to_digit(10))
+            .map(|d| d as usize);
+        match index {
+            Some(n @ 1..=3) => {
+                out.push_str(&lists[n - 1]);
+                rest = &rest[at + 2..];
+            }
+            _ => {
+                out.push('$');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// The plan's parameters for `roles`.
@@ -429,6 +465,9 @@ pub fn drop_sql(
     }
     // Drops what is left and revokes privileges granted to the roles
     // directly, which would otherwise block DROP ROLE.
+    // A login that raced the fence's NOLOGIN (committed with the fence) ends
+    // here; none can start any more.
+    sql.push_str(&terminate_sql(&quoted)?.replace(&format!(", {BACKEND_EXIT_TIMEOUT_MS})"), ")"));
     sql.push_str(&drop_owned_sql(&quoted, plan.grantors.get(database))?);
     sql.push_str(&format!("DROP ROLE {};\n", join(&quoted)));
     Ok(sql)
@@ -502,6 +541,16 @@ mod tests {
             plan.cleanup_for("eph_a")
         );
         assert_eq!(plan.other_databases.get("other").map(|r| r.len()), Some(1));
+    }
+
+    #[test]
+    fn the_plans_role_lists_are_literals_and_names_are_never_placeholders() {
+        let params = [vec!["eph_a$2".to_owned()], vec![], vec!["it's".to_owned()]];
+        let sql = plan_sql(150_000, &params).unwrap();
+        assert!(!sql.contains("ANY($"), "{sql}");
+        assert!(sql.contains("ANY(ARRAY['eph_a$2']::text[])"), "{sql}");
+        assert!(sql.contains("ANY(ARRAY[]::text[])"), "{sql}");
+        assert!(sql.contains("ANY(ARRAY['it''s']::text[])"), "{sql}");
     }
 
     #[test]
