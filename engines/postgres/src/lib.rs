@@ -566,7 +566,7 @@ impl PostgresEngine {
         // names come out schema-qualified.
         let version = self.server_version(&client).await?;
         let mut sql = revoke::fence_sql(&quoted);
-        sql.push_str(&revoke::terminate_sql(&quoted).map_err(unquotable)?);
+        sql.push_str(&revoke::terminate_sql(&quoted, revoke::Wait::ForExit).map_err(unquotable)?);
         sql.push_str("SET LOCAL search_path = '';\n");
         sql.push_str(&revoke::plan_sql(version, &revoke::plan_params(roles)).map_err(unquotable)?);
         let messages = match client.simple_query(&sql).await {

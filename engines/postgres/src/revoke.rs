@@ -64,8 +64,18 @@ pub fn fence_sql(roles: &[Quoted]) -> String {
     sql
 }
 
-/// Step 1b: terminate every backend of the roles and wait for each to exit.
-pub fn terminate_sql(roles: &[Quoted]) -> Result<String, Unquotable> {
+/// How long [`terminate_sql`] waits for each backend to exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Up to [`BACKEND_EXIT_TIMEOUT_MS`] per backend (step 1b).
+    ForExit,
+    /// Signal only (the drop step's second pass).
+    No,
+}
+
+/// Step 1b: terminate every backend of the roles, waiting for each to exit
+/// if `wait` says so.
+pub fn terminate_sql(roles: &[Quoted], wait: Wait) -> Result<String, Unquotable> {
     let oids = roles
         .iter()
         .map(|role| {
@@ -76,8 +86,12 @@ pub fn terminate_sql(roles: &[Quoted]) -> Result<String, Unquotable> {
         })
         .collect::<Result<Vec<_>, Unquotable>>()?
         .join(", ");
+    let timeout = match wait {
+        Wait::ForExit => format!(", {BACKEND_EXIT_TIMEOUT_MS}"),
+        Wait::No => String::new(),
+    };
     Ok(format!(
-        "SELECT pg_catalog.pg_terminate_backend(s.pid, {BACKEND_EXIT_TIMEOUT_MS}) \
+        "SELECT pg_catalog.pg_terminate_backend(s.pid{timeout}) \
          FROM pg_catalog.pg_stat_get_activity(NULL) s WHERE s.usesysid IN ({oids});\n"
     ))
 }
@@ -463,11 +477,11 @@ pub fn drop_sql(
             ));
         }
     }
-    // Drops what is left and revokes privileges granted to the roles
-    // directly, which would otherwise block DROP ROLE.
     // A login that raced the fence's NOLOGIN (committed with the fence) ends
     // here; none can start any more.
-    sql.push_str(&terminate_sql(&quoted)?.replace(&format!(", {BACKEND_EXIT_TIMEOUT_MS})"), ")"));
+    sql.push_str(&terminate_sql(&quoted, Wait::No)?);
+    // Drops what is left and revokes privileges granted to the roles
+    // directly, which would otherwise block DROP ROLE.
     sql.push_str(&drop_owned_sql(&quoted, plan.grantors.get(database))?);
     sql.push_str(&format!("DROP ROLE {};\n", join(&quoted)));
     Ok(sql)
@@ -533,6 +547,10 @@ mod tests {
             assert!(at < reassign, "{statement} comes before the handover");
         }
         assert!(!sql.contains("DROP TABLE"), "{sql}");
+        assert!(
+            sql.contains("pg_terminate_backend(s.pid) "),
+            "a second, signal-only pass: {sql}"
+        );
         assert!(sql.ends_with("DROP OWNED BY \"eph_a\";\nDROP ROLE \"eph_a\";\n"));
         assert_eq!(
             plan.cleanup_for("eph_a").len(),
@@ -566,7 +584,7 @@ mod tests {
     fn termination_waits_for_each_backend_to_exit() {
         let roles = [quote_ident("eph_a").unwrap()];
         assert!(fence_sql(&roles).contains("ALTER ROLE \"eph_a\" NOLOGIN;"));
-        let sql = terminate_sql(&roles).unwrap();
+        let sql = terminate_sql(&roles, Wait::ForExit).unwrap();
         assert!(sql.contains("pg_terminate_backend(s.pid, 5000)"), "{sql}");
     }
 }
