@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use ephemera::identity::SvidVerifier;
-use ephemera::protocol::{decode_first_packet, encode_startup};
+use ephemera::session::protocol::{decode_first_packet, encode_startup};
 use ephemera_engine::scram::ScramClient;
 use ephemera_engine::{Lease, ScramSecret};
 use rcgen::{

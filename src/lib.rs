@@ -4,43 +4,37 @@
 //! TLS client certificate; Ephemera mints a role for that one session,
 //! logs in upstream as it, relays the session and drops the role at the end.
 //!
-//! The modules follow a session's steps:
+//! The folders follow a session and the parts of the system; ARCHITECTURE.md
+//! (at the repository's root) is the map:
 //!
-//! | step | module |
+//! | part | module |
 //! | --- | --- |
-//! | accept, TLS, startup packet | [`front_door`], [`protocol`] |
-//! | who is it | [`identity`] |
+//! | one session, step by step: front door, protocol, upstream login, relay, cancel, refusals | [`session`] |
+//! | who is it (SPIFFE IDs, X.509-SVIDs) | [`identity`] |
 //! | may it | [`policy`] |
-//! | mint the role | [`leases`] over the engine (`engines/`) |
-//! | log in upstream | [`upstream`] |
-//! | pass bytes | [`relay`] |
-//! | cancel requests | [`cancel`] |
-//! | turning clients away | [`refusal`] |
-//! | certificates and trust bundle (reloadable) | [`tls`] |
+//! | every credential's life: issue, renew, expire, revoke, reap | [`leases`] |
+//! | the engines Ephemera mints credentials with (registered in one place) | [`engines`] |
+//! | the admin API: server, JSON types, client | [`admin`] |
+//! | the file DBAs write, validated | [`config`] |
+//! | TLS material: ours towards clients (reloadable), the upstream's | [`tls`] |
+//! | audit log, metrics, limits, process hardening | [`ops`] |
+//! | `ephemera dev`: a throwaway cluster, a dev CA, a running proxy | [`dev`] |
 //!
-//! [`server`] ties them together; [`config`] is the file DBAs write.
+//! [`server`] builds the shared state and runs the listeners.
+
+// FORBID_UNSAFE_PLACEHOLDER
 
 pub mod admin;
-pub mod admin_client;
-pub mod audit;
-pub mod cancel;
-pub mod check;
 pub mod config;
 pub mod dev;
-pub mod front_door;
-pub mod hardening;
+pub mod engines;
 pub mod identity;
 pub mod leases;
-pub mod limits;
+pub mod ops;
 pub mod policy;
-pub mod protocol;
-pub mod refusal;
-pub mod relay;
 pub mod server;
 pub mod session;
-pub mod telemetry;
 pub mod tls;
-pub mod upstream;
 
 pub use config::Settings;
 pub use server::Server;

@@ -1,7 +1,6 @@
 //! The `ephemera` command. Errors become `anyhow` here and nowhere else.
 
 mod cli;
-mod exec;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -123,7 +122,7 @@ fn main() -> ExitCode {
         cli.command,
         Command::Serve { .. } | Command::Dev { .. } | Command::CheckConfig { .. }
     ) {
-        if let Err(error) = ephemera::hardening::forbid_core_dumps() {
+        if let Err(error) = ephemera::ops::hardening::forbid_core_dumps() {
             eprintln!("ephemera: cannot disable core dumps (prctl PR_SET_DUMPABLE / RLIMIT_CORE): {error}");
             return ExitCode::FAILURE;
         }
@@ -169,7 +168,7 @@ fn main() -> ExitCode {
             sslmode,
             sslrootcert,
             command,
-        } => exec::main(admin, template, sslmode, sslrootcert, command),
+        } => cli::exec::main(admin, template, sslmode, sslrootcert, command),
         Command::CheckConfig { path, connect } => check_config(&path, connect),
     }
 }
@@ -195,7 +194,7 @@ fn check_config(path: &std::path::Path, connect: bool) -> ExitCode {
             .enable_all()
             .build()
         {
-            Ok(runtime) => runtime.block_on(ephemera::check::check_upstream(&settings)),
+            Ok(runtime) => runtime.block_on(ephemera::config::check::check_upstream(&settings)),
             Err(error) => {
                 eprintln!("ephemera: cannot start the async runtime: {error}");
                 return ExitCode::FAILURE;

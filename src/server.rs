@@ -1,5 +1,6 @@
 //! The server: the listening socket, the shared state every connection
-//! uses ([`Proxy`]), the accept loop, and an orderly shutdown.
+//! uses ([`Services`]), the background tasks, the accept loop, reloads and
+//! an orderly shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,69 +10,22 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use ephemera_engine::Engine;
-use ephemera_engine_postgres::PostgresEngine;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{AdminServer, AdminState};
-use crate::audit::AuditLog;
-use crate::cancel::CancelMap;
-use crate::config::{ConfigErrors, Rules, Settings, UpstreamSettings};
+use crate::config::{ConfigErrors, Settings};
+use crate::engines::{EngineRegistry, Engines};
 use crate::leases::{LeaseManager, SharedRules};
-use crate::protocol::CancelKey;
+use crate::ops::audit::AuditLog;
+use crate::session::cancel::CancelMap;
+use crate::session::services::Services;
+use crate::session::{self, front_door};
 use crate::tls::{SharedTls, TlsMaterial};
-use crate::{front_door, session, upstream};
 
 /// How long shutdown waits for leases to be revoked.
 const SHUTDOWN_REVOKE_DEADLINE: Duration = Duration::from_secs(15);
-
-/// Everything a connection needs, shared by all of them.
-pub struct Proxy {
-    pub handshake_timeout: Duration,
-    /// Certificate and trust bundle; replaced on reload.
-    pub tls: SharedTls,
-    /// Templates and policy; replaced on reload.
-    pub rules: SharedRules,
-    pub upstream: UpstreamSettings,
-    pub leases: Arc<LeaseManager>,
-    pub cancels: Arc<CancelMap>,
-    /// One permit per relayed session (`listen.max_connections`).
-    pub sessions: Arc<tokio::sync::Semaphore>,
-    pub max_connections: usize,
-    /// Role creation per identity, shared with the admin API's `/v1/creds`.
-    pub issue_limiter: Arc<crate::limits::RateLimiter>,
-    /// Refusal audit events per peer address (SECURITY.md, finding 6).
-    pub refusal_events: crate::limits::RefusalEvents,
-}
-
-impl Proxy {
-    /// The templates and policy in force now.
-    pub fn rules(&self) -> Arc<Rules> {
-        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// The certificate and trust bundle in force now.
-    pub fn tls(&self) -> Arc<TlsMaterial> {
-        self.tls.current()
-    }
-
-    /// Forward a client's cancel request, if its key is one we issued.
-    pub async fn cancel(&self, key: CancelKey, peer: SocketAddr) {
-        let Some(upstream_key) = self.cancels.lookup(key) else {
-            tracing::info!(client_addr = %peer, pid = key.pid, "cancel request with an unknown key ignored");
-            return;
-        };
-        match upstream::send_cancel(&self.upstream, upstream_key).await {
-            Ok(()) => {
-                tracing::info!(client_addr = %peer, upstream_pid = upstream_key.pid, "cancel request forwarded")
-            }
-            Err(error) => {
-                tracing::warn!(client_addr = %peer, %error, "could not forward a cancel request")
-            }
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -91,7 +45,7 @@ pub enum ServeError {
 
 pub struct Server {
     listener: TcpListener,
-    proxy: Arc<Proxy>,
+    services: Arc<Services>,
     admin: Option<AdminServer>,
     reaper_interval: Duration,
     reloader: Reloader,
@@ -106,7 +60,9 @@ pub struct Server {
 pub struct Reloader {
     source: Option<PathBuf>,
     rules: SharedRules,
-    engine: Arc<PostgresEngine>,
+    engines: Arc<Engines>,
+    /// The engine kinds the configuration was loaded with.
+    registry: EngineRegistry,
     tls: SharedTls,
 }
 
@@ -115,11 +71,13 @@ impl Reloader {
         let Some(path) = &self.source else {
             return Ok(());
         };
-        let settings = Settings::load(path)?;
+        let settings = Settings::load_with(path, self.registry.clone())?;
         // The one step that can still fail comes first, so that a refused
-        // reload changes nothing.
-        self.engine
-            .set_templates(settings.engine.templates)
+        // reload changes nothing. A rotated admin password applies to new
+        // admin connections from now on (the server address is not
+        // reloaded).
+        self.engines
+            .reload(&settings.engines)
             .map_err(|e| ConfigErrors {
                 path: path.clone(),
                 problems: vec![crate::config::ConfigProblem {
@@ -127,11 +85,6 @@ impl Reloader {
                     message: e.to_string(),
                 }],
             })?;
-        // A rotated admin password applies to new admin connections from
-        // now on (the server address is not reloaded).
-        let admin = settings.engine.admin;
-        self.engine
-            .set_admin_credentials(admin.user, admin.password);
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings.rules);
         self.tls.replace(TlsMaterial {
             acceptor: TlsAcceptor::from(settings.server_tls),
@@ -150,7 +103,7 @@ impl Server {
     pub async fn bind(settings: Settings) -> Result<Server, ServeError> {
         // The connection caps, not a default soft limit of 1 024, should be
         // what bounds us (SECURITY.md, finding 5).
-        match crate::limits::raise_file_limit() {
+        match crate::ops::limits::raise_file_limit() {
             Ok(limit) => tracing::debug!(limit, "open file limit"),
             Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
         }
@@ -178,8 +131,8 @@ impl Server {
             })?,
             None => AuditLog::log_only(),
         };
-        let postgres = Arc::new(PostgresEngine::new(settings.engine)?);
-        let engine: Arc<dyn Engine> = postgres.clone();
+        let engines = Engines::start(&settings.engines)?;
+        let engine: Arc<dyn Engine> = engines.clone();
         let rules: SharedRules = Arc::new(RwLock::new(Arc::new(settings.rules)));
         let leases = LeaseManager::new(
             engine,
@@ -187,8 +140,8 @@ impl Server {
             Arc::new(audit),
             settings.lease.bind_to_svid,
         );
-        let metrics = crate::telemetry::prometheus();
-        let issue_limiter = Arc::new(crate::limits::RateLimiter::new(
+        let metrics = crate::ops::telemetry::prometheus();
+        let issue_limiter = Arc::new(crate::ops::limits::RateLimiter::new(
             settings.lease.issue_rate_per_identity,
             settings.lease.issue_burst_per_identity,
         ));
@@ -200,7 +153,7 @@ impl Server {
                 .map(|admin| TlsAcceptor::from(admin.tls.clone())),
             svid_verifier: settings.svid_verifier,
         });
-        let proxy = Arc::new(Proxy {
+        let services = Arc::new(Services {
             handshake_timeout: settings.handshake_timeout,
             tls: tls.clone(),
             rules: rules.clone(),
@@ -210,7 +163,7 @@ impl Server {
             sessions: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
             max_connections: settings.max_connections,
             issue_limiter: issue_limiter.clone(),
-            refusal_events: crate::limits::RefusalEvents::default(),
+            refusal_events: crate::ops::limits::RefusalEvents::default(),
         });
         let admin = match (settings.admin, admin_listener) {
             (Some(admin), Some(listener)) => Some(AdminServer::new(
@@ -228,13 +181,14 @@ impl Server {
         };
         Ok(Server {
             listener,
-            proxy,
+            services,
             admin,
             reaper_interval: settings.lease.reap_interval,
             reloader: Reloader {
                 source: settings.source,
                 rules,
-                engine: postgres,
+                engines,
+                registry: settings.engines.registry.clone(),
                 tls,
             },
             revoke_standalone_on_shutdown: false,
@@ -247,8 +201,8 @@ impl Server {
             .expect("a bound TCP listener has an address")
     }
 
-    pub fn proxy(&self) -> Arc<Proxy> {
-        self.proxy.clone()
+    pub fn services(&self) -> Arc<Services> {
+        self.services.clone()
     }
 
     /// The admin API's address, if it is configured.
@@ -273,7 +227,7 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Server {
             listener,
-            proxy,
+            services,
             admin,
             reaper_interval,
             reloader,
@@ -281,9 +235,9 @@ impl Server {
         } = self;
         let connections = TaskTracker::new();
         let mut background = tokio::task::JoinSet::new();
-        let leases = proxy.leases.clone();
+        let leases = services.leases.clone();
         background.spawn(supervise("lease clock", move || leases.clone().run_clock()));
-        let leases = proxy.leases.clone();
+        let leases = services.leases.clone();
         background.spawn(supervise("reaper", move || {
             leases.clone().run_reaper(reaper_interval)
         }));
@@ -291,7 +245,7 @@ impl Server {
             let admin = Arc::new(admin);
             background.spawn(supervise("admin API", move || admin.clone().serve()));
         }
-        let mut backoff = crate::limits::AcceptBackoff::default();
+        let mut backoff = crate::ops::limits::AcceptBackoff::default();
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .expect("installing a SIGHUP handler cannot fail on Unix");
         tokio::pin!(shutdown);
@@ -307,7 +261,7 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         backoff.reset();
-                        connections.spawn(handle_connection(proxy.clone(), tcp, peer));
+                        connections.spawn(handle_connection(services.clone(), tcp, peer));
                     }
                     Err(error) => {
                         // Typically out of file descriptors: back off, keep serving.
@@ -322,10 +276,10 @@ impl Server {
         // renews or issues while leases are revoked.
         background.abort_all();
         tracing::info!(
-            active_leases = proxy.leases.active_count(),
+            active_leases = services.leases.active_count(),
             "shutting down: revoking every lease"
         );
-        let pending = proxy
+        let pending = services
             .leases
             .revoke_all_and_wait(SHUTDOWN_REVOKE_DEADLINE, revoke_standalone_on_shutdown)
             .await;
@@ -359,7 +313,8 @@ where
         let task = tokio::spawn(start());
         let _abort = AbortOnDrop(task.abort_handle());
         let outcome = task.await;
-        metrics::counter!(crate::telemetry::BACKGROUND_TASK_FAILURES, "task" => name).increment(1);
+        metrics::counter!(crate::ops::telemetry::BACKGROUND_TASK_FAILURES, "task" => name)
+            .increment(1);
         match outcome {
             Err(error) if error.is_panic() => {
                 tracing::error!(task = name, "background task panicked; restarting it")
@@ -373,10 +328,10 @@ where
     }
 }
 
-async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
+async fn handle_connection(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    if let Some(admitted) = front_door::admit_within_timeout(&proxy, tcp, peer).await {
-        session::run(proxy, admitted, peer).await;
+    if let Some(admitted) = front_door::admit_within_timeout(&services, tcp, peer).await {
+        session::run(services, admitted, peer).await;
     }
 }
 

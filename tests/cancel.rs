@@ -135,7 +135,10 @@ async fn a_wrong_cancel_key_does_nothing() {
             .await
             .expect("connect");
         let packet =
-            ephemera::protocol::encode_cancel(ephemera::protocol::CancelKey { pid, secret: 12345 });
+            ephemera::session::protocol::encode_cancel(ephemera::session::protocol::CancelKey {
+                pid,
+                secret: 12345,
+            });
         socket.write_all(&packet).await.expect("write");
         let mut rest = Vec::new();
         socket

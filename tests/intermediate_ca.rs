@@ -8,7 +8,7 @@ mod common;
 use common::proxy::{
     admin_client, role_prefix, roles_with_prefix, ProxyOptions, TestProxy, BILLING_ID, DATABASE,
 };
-use ephemera::admin_client::AdminClientError;
+use ephemera::admin::client::AdminClientError;
 use rcgen::KeyUsagePurpose;
 
 fn admin_options(templates: &[&str]) -> ProxyOptions {

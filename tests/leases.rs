@@ -12,7 +12,7 @@ use common::proxy::{
     ADMIN_ID, BILLING_ID, DATABASE, STRANGER_ID,
 };
 use ephemera::admin::api::{LeaseFilter, RevokeRequest};
-use ephemera::admin_client::AdminClientError;
+use ephemera::admin::client::AdminClientError;
 use ephemera_engine::LeaseState;
 
 const REVOKEE_ID: &str = "spiffe://example.org/ns/prod/sa/revokee";
@@ -23,7 +23,7 @@ fn admin_options(templates: &[&str]) -> ProxyOptions {
     options
 }
 
-fn admin_of(proxy: &TestProxy, id: &str) -> ephemera::admin_client::AdminClient {
+fn admin_of(proxy: &TestProxy, id: &str) -> ephemera::admin::client::AdminClient {
     let addr = proxy.admin_addr.expect("the admin API is configured");
     admin_client(&proxy.files, addr, &proxy.svid(id))
 }

@@ -10,7 +10,7 @@ use common::proxy::{
     admin_client, role_prefix, wait_until_no_roles, ProxyOptions, TestProxy, ADMIN_ID, BILLING_ID,
     DATABASE, STRANGER_ID,
 };
-use ephemera::admin_client::AdminClientError;
+use ephemera::admin::client::AdminClientError;
 use tokio::io::AsyncWriteExt;
 
 const OTHER_ID: &str = "spiffe://example.org/ns/prod/sa/other";

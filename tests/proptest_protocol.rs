@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{BufMut, BytesMut};
 use ephemera::identity::{SpiffeId, MAX_SPIFFE_ID_LEN};
 use ephemera::policy::IdPattern;
-use ephemera::protocol::{
+use ephemera::session::protocol::{
     authentication_ok, backend_key_data, decode_first_packet, encode_cancel, encode_startup,
     error_fields, fatal, negotiate_protocol_version, read_first_packet, ready_for_query_idle,
     CancelKey, FirstPacket, ProtocolError, MAX_STARTUP_PACKET_LEN, MAX_STARTUP_PARAMETERS,

@@ -198,7 +198,7 @@ async fn raw_exchange(proxy: &TestProxy, bytes: &[u8]) -> (u8, String, String) {
         .expect("the proxy answers and closes")
         .expect("read");
     assert!(response.len() > 5, "an ErrorResponse, got {response:?}");
-    let (code, message) = ephemera::protocol::error_fields(&response[5..]);
+    let (code, message) = ephemera::session::protocol::error_fields(&response[5..]);
     (response[0], code, message)
 }
 
@@ -207,7 +207,8 @@ async fn plaintext_gssenc_and_garbage_get_clear_errors() {
     let template = "r_wire";
     let proxy = TestProxy::start(ProxyOptions::templates(&[template])).await;
 
-    let startup = ephemera::protocol::encode_startup(&[("user", template), ("database", DATABASE)]);
+    let startup =
+        ephemera::session::protocol::encode_startup(&[("user", template), ("database", DATABASE)]);
     let (kind, code, message) = raw_exchange(&proxy, &startup).await;
     assert_eq!((kind, code.as_str()), (b'E', "28000"), "{message}");
     assert!(message.contains("TLS"), "{message}");

@@ -288,9 +288,9 @@ impl Env {
         )
     }
 
-    pub fn admin_client(&self) -> Result<ephemera::admin_client::AdminClient, Error> {
+    pub fn admin_client(&self) -> Result<ephemera::admin::client::AdminClient, Error> {
         let (cert, key) = self.certs.svid(ADMIN);
-        Ok(ephemera::admin_client::AdminClient::from_files(
+        Ok(ephemera::admin::client::AdminClient::from_files(
             &format!("https://127.0.0.1:{}", self.admin_port),
             &cert,
             &key,

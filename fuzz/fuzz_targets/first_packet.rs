@@ -17,7 +17,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
-use ephemera::protocol::{
+use ephemera::session::protocol::{
     decode_first_packet, encode_cancel, encode_startup, read_first_packet, FirstPacket,
     ProtocolError, MAX_STARTUP_PACKET_LEN, MAX_STARTUP_PARAMETERS,
 };

@@ -1,5 +1,5 @@
 //! The admin API's JSON shapes, shared by the server ([`super`]) and the
-//! client (`crate::admin_client`, used by the CLI). Documented in
+//! client (`crate::admin::client`, used by the CLI). Documented in
 //! `docs/admin-api.yaml` (OpenAPI 3).
 //!
 //! | method | path | body | answer |

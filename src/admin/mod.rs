@@ -14,6 +14,7 @@
 //! The JSON shapes are in [`api`]; the OpenAPI document is `docs/admin-api.yaml`.
 
 pub mod api;
+pub mod client;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,7 +41,7 @@ use self::api::{
 use crate::config::{AdminSettings, UpstreamSettings};
 use crate::identity::SpiffeId;
 use crate::leases::{LeaseError, LeaseManager};
-use crate::limits::RateLimiter;
+use crate::ops::limits::RateLimiter;
 use crate::policy::IdPattern;
 use crate::tls::SharedTls;
 
@@ -129,8 +130,8 @@ impl AdminServer {
     pub async fn serve(self: Arc<Self>) {
         let router = router(self.shared.clone());
         tracing::info!(address = %self.local_addr(), "admin API is listening");
-        let open = Arc::new(crate::limits::OpenConnections::new(MAX_CONNECTIONS));
-        let mut backoff = crate::limits::AcceptBackoff::default();
+        let open = Arc::new(crate::ops::limits::OpenConnections::new(MAX_CONNECTIONS));
+        let mut backoff = crate::ops::limits::AcceptBackoff::default();
         loop {
             let (tcp, peer) = match self.listener.accept().await {
                 Ok(accepted) => {

@@ -13,9 +13,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::engines::postgres::sql::{quote_ident, quote_literal};
+use crate::tls::upstream::{SslMode, UpstreamTls};
 use ephemera_engine::Password;
-use ephemera_engine_postgres::sql::{quote_ident, quote_literal};
-use ephemera_engine_postgres::{SslMode, UpstreamTls};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
@@ -510,7 +510,7 @@ async fn setup_demo(
         sql,
         "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {admin};\n\
          REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;",
-        schema = q(ephemera_engine_postgres::election::SCHEMA)?
+        schema = q(crate::engines::postgres::election::SCHEMA)?
     );
     if !sql.is_empty() {
         client

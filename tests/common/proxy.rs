@@ -365,8 +365,8 @@ pub fn admin_client(
     files: &ProxyFiles,
     addr: SocketAddr,
     cert: &TestCert,
-) -> ephemera::admin_client::AdminClient {
-    ephemera::admin_client::AdminClient::new(
+) -> ephemera::admin::client::AdminClient {
+    ephemera::admin::client::AdminClient::new(
         &format!("https://{addr}"),
         cert.chain_der(),
         cert.key_der(),

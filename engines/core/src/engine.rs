@@ -4,7 +4,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use crate::{Lease, LeaseId, LeaseKind, Password, ScramSecret};
+use crate::{AdminLogin, Lease, LeaseId, LeaseKind, Password, ScramSecret, Template};
 
 /// What the proxy asks an engine for: a credential for `identity`, shaped by
 /// the role template named `template`.
@@ -29,10 +29,53 @@ pub struct IssueRequest {
 #[derive(Debug)]
 pub struct IssuedCredential {
     pub lease: Lease,
-    /// The SCRAM keys the role logs in with.
-    pub secret: ScramSecret,
-    /// For standalone leases only: the password handed to the client.
-    pub password: Option<Password>,
+    /// How Ephemera logs in upstream as the credential (session leases).
+    pub login: UpstreamLogin,
+    /// For standalone leases: the password handed to the client, who logs
+    /// in directly. An engine that cannot give one cannot serve standalone
+    /// leases (the proxy refuses them with a clear error).
+    pub client_password: Option<Password>,
+}
+
+/// How the proxy proves it is the credential's role when it logs in
+/// upstream (`src/session/upstream.rs` speaks each of these).
+#[derive(Debug)]
+pub enum UpstreamLogin {
+    /// SCRAM-SHA-256 with keys the engine drew: no password ever existed.
+    Scram(ScramSecret),
+    /// SCRAM-SHA-256 with a password (the keys are derived from the
+    /// server's salt and iteration count during the exchange).
+    Password(Password),
+}
+
+/// A SQLSTATE error code (five characters), as the database reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlState(String);
+
+impl SqlState {
+    /// `None` unless `code` is five ASCII digits or upper-case letters.
+    pub fn new(code: &str) -> Option<Self> {
+        (code.len() == 5
+            && code
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()))
+        .then(|| SqlState(code.to_owned()))
+    }
+
+    pub fn code(&self) -> &str {
+        &self.0
+    }
+
+    /// The class: the first two characters (`53` for insufficient resources).
+    pub fn class(&self) -> &str {
+        &self.0[..2]
+    }
+}
+
+impl std::fmt::Display for SqlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// What a successful revoke found.
@@ -104,9 +147,11 @@ pub enum EngineError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("the database refused to {action}: {source}")]
+    #[error("the database refused to {action}: {source}{}", code.as_ref().map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default())]
     Refused {
         action: &'static str,
+        /// The database's own error code, when it sent one.
+        code: Option<SqlState>,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
@@ -118,6 +163,36 @@ pub enum EngineError {
     /// absurdly long ttl, max_ttl or login_window).
     #[error("{0} is out of the range of representable times; use a shorter duration")]
     TimeOutOfRange(String),
+    /// The engine cannot do what was asked (e.g. hand a client a password
+    /// for a standalone lease).
+    #[error("the {engine} engine cannot {what}")]
+    Unsupported {
+        engine: &'static str,
+        what: &'static str,
+    },
+}
+
+impl EngineError {
+    /// A refusal from the database, with its SQLSTATE when it gave one.
+    pub fn refused(
+        action: &'static str,
+        code: Option<SqlState>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        EngineError::Refused {
+            action,
+            code,
+            source: source.into(),
+        }
+    }
+
+    /// The database's SQLSTATE, if this error carries one.
+    pub fn sqlstate(&self) -> Option<&SqlState> {
+        match self {
+            EngineError::Refused { code, .. } => code.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// A backend that can mint, renew, list and revoke credentials.
@@ -133,6 +208,11 @@ pub trait Engine: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     async fn issue(&self, request: IssueRequest) -> Result<IssuedCredential, EngineError>;
+
+    /// Replace the templates and the admin login (a configuration reload).
+    /// Either everything is replaced or, on error, nothing is. Leases of
+    /// templates that disappeared must still revoke correctly.
+    fn reload(&self, templates: Vec<Template>, admin: AdminLogin) -> Result<(), EngineError>;
 
     /// Record the lease's new `expires_at` with the credential (and, for
     /// standalone leases, extend the password's validity to it).

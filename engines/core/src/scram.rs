@@ -16,6 +16,9 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::Password;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -65,21 +68,28 @@ impl ScramSecret {
     pub fn from_password(password: &str, iterations: u32) -> Self {
         let mut salt = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut salt);
+        Self::derive(password, salt, iterations)
+    }
+
+    /// `Hi(password, salt, iterations)` (RFC 5802), for a known salt.
+    fn derive(password: &str, salt: [u8; 16], iterations: u32) -> Self {
         let mut block = salt.to_vec();
         block.extend_from_slice(&1u32.to_be_bytes());
-        let mut u = hmac(password.as_bytes(), &block);
-        let mut salted_password = u;
+        let mut u = Zeroizing::new(hmac(password.as_bytes(), &block));
+        let mut salted_password = *u;
         for _ in 1..iterations {
-            u = hmac(password.as_bytes(), &u);
+            *u = hmac(password.as_bytes(), &*u);
             for (acc, x) in salted_password.iter_mut().zip(u.iter()) {
                 *acc ^= x;
             }
         }
-        ScramSecret {
+        let secret = ScramSecret {
             iterations,
             salt,
             salted_password,
-        }
+        };
+        salted_password.zeroize();
+        secret
     }
 
     /// The verifier to store in the database (`CREATE ROLE … PASSWORD '<this>'`).
@@ -115,11 +125,8 @@ impl fmt::Debug for ScramSecret {
 
 impl Drop for ScramSecret {
     fn drop(&mut self) {
-        // Best effort: do not leave the key material in freed memory.
-        for byte in self.salted_password.iter_mut() {
-            // SAFETY: `byte` is a valid, aligned, exclusive reference.
-            unsafe { std::ptr::write_volatile(byte, 0) };
-        }
+        // Do not leave the key material in freed memory.
+        self.salted_password.zeroize();
     }
 }
 
@@ -148,9 +155,25 @@ pub enum ScramError {
     OutOfOrder,
 }
 
+/// The keys a [`ScramClient`] proves itself with.
+enum ClientKeys<'a> {
+    /// Keys Ephemera drew: the server must hold exactly their verifier.
+    Secret(&'a ScramSecret),
+    /// A password: keys are derived once the server names salt and count.
+    Password {
+        password: &'a Password,
+        derived: Option<ScramSecret>,
+    },
+}
+
+/// The most PBKDF2 iterations a password login accepts from the server:
+/// a hostile or misconfigured upstream must not make each login cost
+/// seconds of our CPU.
+const MAX_PASSWORD_ITERATIONS: u32 = 100_000;
+
 /// The client side of one SCRAM-SHA-256 exchange (no channel binding).
 pub struct ScramClient<'a> {
-    secret: &'a ScramSecret,
+    keys: ClientKeys<'a>,
     client_first_bare: String,
     client_nonce: String,
     /// Set once the server's first message has been answered.
@@ -168,17 +191,27 @@ impl<'a> ScramClient<'a> {
     pub const MECHANISM: &'static str = "SCRAM-SHA-256";
 
     pub fn new(secret: &'a ScramSecret) -> Self {
-        let mut nonce = [0u8; 18];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        Self::with_nonce(secret, BASE64.encode(nonce))
+        Self::with_nonce(ClientKeys::Secret(secret), fresh_nonce())
     }
 
-    fn with_nonce(secret: &'a ScramSecret, client_nonce: String) -> Self {
+    /// A client that logs in with `password` (a role whose password the
+    /// engine knows, rather than keys it drew).
+    pub fn with_password(password: &'a Password) -> Self {
+        Self::with_nonce(
+            ClientKeys::Password {
+                password,
+                derived: None,
+            },
+            fresh_nonce(),
+        )
+    }
+
+    fn with_nonce(keys: ClientKeys<'a>, client_nonce: String) -> Self {
         // PostgreSQL takes the user name from the startup packet; libpq sends
         // an empty one here too.
         let client_first_bare = format!("n=,r={client_nonce}");
         ScramClient {
-            secret,
+            keys,
             client_first_bare,
             client_nonce,
             auth_message: None,
@@ -210,15 +243,29 @@ impl<'a> ScramClient<'a> {
         let iterations: u32 = iterations
             .parse()
             .map_err(|_| ScramError::Malformed("iteration count is not a number"))?;
-        if salt != self.secret.salt || iterations != self.secret.iterations {
-            return Err(ScramError::VerifierMismatch);
-        }
+        let secret = match &mut self.keys {
+            ClientKeys::Secret(secret) => {
+                if salt != secret.salt || iterations != secret.iterations {
+                    return Err(ScramError::VerifierMismatch);
+                }
+                &**secret
+            }
+            ClientKeys::Password { password, derived } => {
+                let salt: [u8; 16] = salt
+                    .try_into()
+                    .map_err(|_| ScramError::Malformed("salt is not 16 bytes"))?;
+                if iterations == 0 || iterations > MAX_PASSWORD_ITERATIONS {
+                    return Err(ScramError::Malformed("iteration count out of range"));
+                }
+                &*derived.insert(ScramSecret::derive(password.expose(), salt, iterations))
+            }
+        };
 
         // "biws" is base64("n,,"): the GS2 header, no channel binding.
         let without_proof = format!("c=biws,r={nonce}");
         let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
-        let client_key = self.secret.client_key();
-        let signature = hmac(&self.secret.stored_key(), auth_message.as_bytes());
+        let client_key = Zeroizing::new(secret.client_key());
+        let signature = hmac(&secret.stored_key(), auth_message.as_bytes());
         let mut proof = [0u8; 32];
         for (p, (k, s)) in proof
             .iter_mut()
@@ -242,13 +289,27 @@ impl<'a> ScramClient<'a> {
         let signature = BASE64
             .decode(signature)
             .map_err(|_| ScramError::Malformed("signature is not base64"))?;
-        let expected = hmac(&self.secret.server_key(), auth_message.as_bytes());
+        let secret = match &self.keys {
+            ClientKeys::Secret(secret) => *secret,
+            ClientKeys::Password {
+                derived: Some(secret),
+                ..
+            } => secret,
+            ClientKeys::Password { derived: None, .. } => return Err(ScramError::OutOfOrder),
+        };
+        let expected = hmac(&secret.server_key(), auth_message.as_bytes());
         if signature.as_slice() == expected.as_slice() {
             Ok(())
         } else {
             Err(ScramError::BadServerSignature)
         }
     }
+}
+
+fn fresh_nonce() -> String {
+    let mut nonce = [0u8; 18];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    BASE64.encode(nonce)
 }
 
 fn attribute(part: Option<&str>, name: char) -> Result<&str, ScramError> {
@@ -345,7 +406,7 @@ mod tests {
     #[test]
     fn a_nonce_that_does_not_extend_ours_is_refused() {
         let secret = ScramSecret::generate();
-        let mut client = ScramClient::with_nonce(&secret, "abc".into());
+        let mut client = ScramClient::with_nonce(ClientKeys::Secret(&secret), "abc".into());
         assert_eq!(
             client.client_final(b"r=xyzdef,s=AAAA,i=1"),
             Err(ScramError::NonceMismatch)
@@ -353,6 +414,40 @@ mod tests {
         assert_eq!(
             client.client_final(b"r=abc,s=AAAA,i=1"),
             Err(ScramError::NonceMismatch)
+        );
+    }
+
+    #[test]
+    fn a_password_login_derives_the_keys_from_the_servers_salt() {
+        let password = Password::new("correct horse battery staple".into());
+        let verifier = ScramSecret::from_password(password.expose(), 4096).verifier();
+        let mut client = ScramClient::with_password(&password);
+        let (server_first, check) = server_exchange(&verifier, &client.client_first());
+        let client_final = client.client_final(server_first.as_bytes()).unwrap();
+        let server_final = check(&client_final).expect("the server accepts the proof");
+        client.verify_server_final(server_final.as_bytes()).unwrap();
+
+        let wrong = Password::new("wrong".into());
+        let mut client = ScramClient::with_password(&wrong);
+        let (server_first, check) = server_exchange(&verifier, &client.client_first());
+        let client_final = client.client_final(server_first.as_bytes()).unwrap();
+        assert!(check(&client_final).is_err(), "a wrong password is refused");
+    }
+
+    #[test]
+    fn a_password_login_refuses_absurd_iteration_counts() {
+        let password = Password::new("p".into());
+        let mut client = ScramClient::with_nonce(
+            ClientKeys::Password {
+                password: &password,
+                derived: None,
+            },
+            "abc".into(),
+        );
+        let salt = BASE64.encode([1u8; 16]);
+        assert_eq!(
+            client.client_final(format!("r=abcdef,s={salt},i=100000000").as_bytes()),
+            Err(ScramError::Malformed("iteration count out of range"))
         );
     }
 

@@ -37,34 +37,34 @@ pub async fn prepare(client: &Client, database: &str) -> Result<(), EngineError>
             &[&SCHEMA],
         )
         .await
-        .map_err(|e| crate::db_error(action, e))?
+        .map_err(|e| crate::admin::db_error(action, e))?
         .is_some();
     if !exists {
-        let schema = quote_ident(SCHEMA).map_err(crate::unquotable)?;
+        let schema = quote_ident(SCHEMA).map_err(crate::admin::unquotable)?;
         let sql = format!(
             "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION CURRENT_USER;\n\
              REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;\n"
         );
         if let Err(e) = client.batch_execute(&sql).await {
             if e.code().map(|c| c.code()) == Some(INSUFFICIENT_PRIVILEGE) {
-                return Err(EngineError::Refused {
+                return Err(EngineError::refused(
                     action,
-                    source: format!(
+                    ephemera_engine::SqlState::new(INSUFFICIENT_PRIVILEGE),
+                    format!(
                         "the admin role may not create the schema {SCHEMA:?} in database \
                          {database:?}: GRANT CREATE ON DATABASE {database} to it, or have a \
                          superuser run CREATE SCHEMA {SCHEMA} AUTHORIZATION <admin role>"
-                    )
-                    .into(),
-                });
+                    ),
+                ));
             }
-            return Err(crate::db_error(action, e));
+            return Err(crate::admin::db_error(action, e));
         }
     }
-    let sql = table_sql().map_err(crate::unquotable)?;
+    let sql = table_sql().map_err(crate::admin::unquotable)?;
     client
         .batch_execute(&sql)
         .await
-        .map_err(|e| crate::db_error(action, e))?;
+        .map_err(|e| crate::admin::db_error(action, e))?;
     check_ownership(client, database).await
 }
 
@@ -99,21 +99,21 @@ async fn check_ownership(client: &Client, database: &str) -> Result<(), EngineEr
             &[&SCHEMA, &TABLE],
         )
         .await
-        .map_err(|e| crate::db_error(action, e))?;
+        .map_err(|e| crate::admin::db_error(action, e))?;
     let (schema_owner, table_owner): (String, String) = (row.get(0), row.get(1));
     let (schema_closed, table_closed): (bool, bool) = (row.get(2), row.get(3));
     let me: String = row.get(4);
     if schema_owner != me || table_owner != me || !schema_closed || !table_closed {
-        return Err(EngineError::Refused {
+        return Err(EngineError::refused(
             action,
-            source: format!(
+            None,
+            format!(
                 "{SCHEMA}.{TABLE} in database {database:?} must belong to the admin role {me:?} \
                  with no rights for anyone else (schema owner {schema_owner:?}, table owner \
                  {table_owner:?}); another role could hold the reaper election. Drop the schema, \
                  or make it the admin role's and REVOKE ALL ON it FROM PUBLIC"
-            )
-            .into(),
-        });
+            ),
+        ));
     }
     Ok(())
 }
@@ -124,13 +124,13 @@ pub async fn elect(client: &Client) -> Result<ReaperElection, EngineError> {
     let action = "take the reaper lock";
     let table = format!(
         "{}.{}",
-        quote_ident(SCHEMA).map_err(crate::unquotable)?,
-        quote_ident(TABLE).map_err(crate::unquotable)?
+        quote_ident(SCHEMA).map_err(crate::admin::unquotable)?,
+        quote_ident(TABLE).map_err(crate::admin::unquotable)?
     );
     client
         .batch_execute("BEGIN")
         .await
-        .map_err(|e| crate::db_error(action, e))?;
+        .map_err(|e| crate::admin::db_error(action, e))?;
     let locked = client
         .batch_execute(&format!(
             "SELECT 1 FROM {table} WHERE id = 1 FOR UPDATE NOWAIT"
@@ -142,7 +142,7 @@ pub async fn elect(client: &Client) -> Result<ReaperElection, EngineError> {
             client
                 .batch_execute("ROLLBACK")
                 .await
-                .map_err(|e| crate::db_error(action, e))?;
+                .map_err(|e| crate::admin::db_error(action, e))?;
             let holders = strangers_holding(client).await?;
             if holders.is_empty() {
                 Ok(ReaperElection::Follower)
@@ -152,7 +152,7 @@ pub async fn elect(client: &Client) -> Result<ReaperElection, EngineError> {
         }
         Err(e) => {
             let _ = client.batch_execute("ROLLBACK").await;
-            Err(crate::db_error(action, e))
+            Err(crate::admin::db_error(action, e))
         }
     }
 }
@@ -179,6 +179,6 @@ async fn strangers_holding(client: &Client) -> Result<Vec<String>, EngineError> 
             &[&SCHEMA, &TABLE],
         )
         .await
-        .map_err(|e| crate::db_error(action, e))?;
+        .map_err(|e| crate::admin::db_error(action, e))?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }

@@ -10,10 +10,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::tls::upstream::SslMode;
 use bytes::BytesMut;
 use ephemera_engine::scram::{ScramClient, ScramError};
-use ephemera_engine::ScramSecret;
-use ephemera_engine_postgres::SslMode;
+use ephemera_engine::UpstreamLogin;
 use postgres_protocol::message::{backend, frontend};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -22,7 +22,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::UpstreamSettings;
-use crate::protocol::{error_fields, CancelKey};
+use crate::session::protocol::{error_fields, CancelKey};
 
 /// The largest message accepted from the upstream during login.
 const MAX_LOGIN_MESSAGE_LEN: usize = 64 * 1024;
@@ -192,13 +192,14 @@ pub async fn connect(settings: &UpstreamSettings) -> Result<UpstreamStream, Upst
     Ok(UpstreamStream::Tls(Box::new(tls)))
 }
 
-/// Log in as `user` (a minted role) with its SCRAM keys.
+/// Log in as `user` (the lease's role) with its credential: SCRAM keys
+/// or a password, both spoken as SCRAM-SHA-256.
 pub async fn login(
     settings: &UpstreamSettings,
     user: &str,
     database: &str,
     client_parameters: &[(String, String)],
-    secret: &ScramSecret,
+    credential: &UpstreamLogin,
 ) -> Result<UpstreamSession, UpstreamError> {
     let mut stream = connect(settings).await?;
     let mut out = BytesMut::with_capacity(256);
@@ -210,7 +211,10 @@ pub async fn login(
     frontend::startup_message(parameters, &mut out)?;
     stream.write_all(&out).await?;
 
-    let mut scram = ScramClient::new(secret);
+    let mut scram = match credential {
+        UpstreamLogin::Scram(secret) => ScramClient::new(secret),
+        UpstreamLogin::Password(password) => ScramClient::with_password(password),
+    };
     let mut greeting = BytesMut::with_capacity(512);
     let mut backend_key = None;
     loop {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use rand::Rng;
 use subtle::ConstantTimeEq;
 
-use crate::protocol::CancelKey;
+use crate::session::protocol::CancelKey;
 
 #[derive(Debug, Default)]
 pub struct CancelMap {

@@ -17,12 +17,12 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use crate::audit::AuditEvent;
 use crate::config::ALPN_POSTGRESQL;
 use crate::identity::{IdentityError, VerifiedSvid};
-use crate::protocol::{read_first_packet, FirstPacket, ProtocolError, StartupRequest};
-use crate::refusal::Refusal;
-use crate::server::Proxy;
+use crate::ops::audit::AuditEvent;
+use crate::session::protocol::{read_first_packet, FirstPacket, ProtocolError, StartupRequest};
+use crate::session::refusal::Refusal;
+use crate::session::services::Services;
 
 /// The first byte of a TLS handshake record: a client starting TLS directly.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -40,7 +40,7 @@ pub struct Admitted {
 
 /// Run the front door for one connection. `None` means the connection has
 /// been dealt with (refused, closed, or it was a cancel request).
-pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Option<Admitted> {
+pub async fn admit(services: &Services, mut tcp: TcpStream, peer: SocketAddr) -> Option<Admitted> {
     let mut first = [0u8; 1];
     let direct_tls = match tcp.peek(&mut first).await {
         Ok(1) => first[0] == TLS_HANDSHAKE_RECORD,
@@ -48,7 +48,7 @@ pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Optio
     };
 
     let mut tls = if direct_tls {
-        let tls = accept_tls(proxy, tcp, peer).await?;
+        let tls = accept_tls(services, tcp, peer).await?;
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
             refuse(tls, Refusal::DirectTlsWithoutAlpn, peer).await;
             return None;
@@ -58,10 +58,10 @@ pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Optio
         match read_first_packet(&mut tcp).await {
             Ok(FirstPacket::SslRequest) => {
                 tcp.write_all(b"S").await.ok()?;
-                accept_tls(proxy, tcp, peer).await?
+                accept_tls(services, tcp, peer).await?
             }
             Ok(FirstPacket::Cancel(key)) => {
-                proxy.cancel(key, peer).await;
+                services.cancel(key, peer).await;
                 return None;
             }
             Ok(FirstPacket::GssEncRequest) => {
@@ -83,7 +83,7 @@ pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Optio
     let startup = match read_first_packet(&mut tls).await {
         Ok(FirstPacket::Startup(startup)) => startup,
         Ok(FirstPacket::Cancel(key)) => {
-            proxy.cancel(key, peer).await;
+            services.cancel(key, peer).await;
             // End TLS properly (close_notify): libpq 17+ sends cancels over
             // TLS and OpenSSL reports a bare TCP close as an error.
             let _ = tls.shutdown().await;
@@ -103,7 +103,7 @@ pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Optio
 
     let verified = match tls.get_ref().1.peer_certificates() {
         None | Some([]) => Err(IdentityError::NoCertificate),
-        Some(chain) => proxy.tls().svid_verifier.verify(chain, UnixTime::now()),
+        Some(chain) => services.tls().svid_verifier.verify(chain, UnixTime::now()),
     };
     match verified {
         Ok(svid) => Some(Admitted {
@@ -117,19 +117,19 @@ pub async fn admit(proxy: &Proxy, mut tcp: TcpStream, peer: SocketAddr) -> Optio
             let template = startup
                 .parameters
                 .get("user")
-                .map(|user| crate::limits::untrusted_text(user, UNTRUSTED_MAX_CHARS));
-            refuse_and_audit(proxy, tls, Refusal::Identity(e), peer, None, template).await;
+                .map(|user| crate::ops::limits::untrusted_text(user, UNTRUSTED_MAX_CHARS));
+            refuse_and_audit(services, tls, Refusal::Identity(e), peer, None, template).await;
             None
         }
     }
 }
 
 async fn accept_tls(
-    proxy: &Proxy,
+    services: &Services,
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<TlsStream<TcpStream>> {
-    let acceptor = proxy.tls().acceptor.clone();
+    let acceptor = services.tls().acceptor.clone();
     match acceptor.accept(tcp).await {
         Ok(tls) => Some(tls),
         Err(error) => {
@@ -148,31 +148,31 @@ pub async fn refuse<S: AsyncWrite + Unpin>(stream: S, refusal: Refusal, peer: So
 /// [`refuse`] without the log line (the peer is over its refusal event
 /// rate; the refusal is still counted).
 async fn refuse_quietly<S: AsyncWrite + Unpin>(mut stream: S, refusal: Refusal) {
-    metrics::counter!(crate::telemetry::DENIALS, "reason" => refusal.label()).increment(1);
+    metrics::counter!(crate::ops::telemetry::DENIALS, "reason" => refusal.label()).increment(1);
     let _ = stream.write_all(&refusal.to_message()).await;
     let _ = stream.shutdown().await;
 }
 
 /// Refuse, and record the denial in the audit log and metrics.
 pub async fn refuse_and_audit<S: AsyncWrite + Unpin>(
-    proxy: &Proxy,
+    services: &Services,
     stream: S,
     refusal: Refusal,
     peer: SocketAddr,
     identity: Option<String>,
     template: Option<String>,
 ) {
-    match proxy.refusal_events.admit(peer.ip()) {
+    match services.refusal_events.admit(peer.ip()) {
         Some(suppressed) => {
             let mut event = AuditEvent::denied(identity, template, peer, refusal.to_string());
             if suppressed > 0 {
                 event = event.suppressed(suppressed);
             }
-            proxy.leases.audit().record(event);
+            services.leases.audit().record(event);
             refuse(stream, refusal, peer).await;
         }
         None => {
-            metrics::counter!(crate::telemetry::REFUSAL_EVENTS_SUPPRESSED).increment(1);
+            metrics::counter!(crate::ops::telemetry::REFUSAL_EVENTS_SUPPRESSED).increment(1);
             refuse_quietly(stream, refusal).await;
         }
     }
@@ -180,21 +180,21 @@ pub async fn refuse_and_audit<S: AsyncWrite + Unpin>(
 
 /// Shared by the accept loop: run the front door under the handshake timeout.
 pub async fn admit_within_timeout(
-    proxy: &Arc<Proxy>,
+    services: &Arc<Services>,
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<Admitted> {
     let started = std::time::Instant::now();
-    match tokio::time::timeout(proxy.handshake_timeout, admit(proxy, tcp, peer)).await {
+    match tokio::time::timeout(services.handshake_timeout, admit(services, tcp, peer)).await {
         Ok(admitted) => {
             if admitted.is_some() {
-                metrics::histogram!(crate::telemetry::HANDSHAKE_SECONDS)
+                metrics::histogram!(crate::ops::telemetry::HANDSHAKE_SECONDS)
                     .record(started.elapsed().as_secs_f64());
             }
             admitted
         }
         Err(_) => {
-            tracing::info!(client_addr = %peer, timeout = ?proxy.handshake_timeout, "handshake timed out; connection closed");
+            tracing::info!(client_addr = %peer, timeout = ?services.handshake_timeout, "handshake timed out; connection closed");
             None
         }
     }

@@ -5,9 +5,9 @@
 //! listed there and described in `docs/admin-api.yaml`.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), ephemera::admin_client::AdminClientError> {
+//! # async fn demo() -> Result<(), ephemera::admin::client::AdminClientError> {
 //! use ephemera::admin::api::LeaseFilter;
-//! use ephemera::admin_client::AdminClient;
+//! use ephemera::admin::client::AdminClient;
 //!
 //! let client = AdminClient::from_files(
 //!     "https://127.0.0.1:8443",

@@ -32,6 +32,8 @@
 //! [`ephemera::admin::api`] types serialise it. The formatting is done by
 //! small pure functions (tested below) so `main` stays free of layout code.
 
+pub mod exec;
+
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,7 +43,7 @@ use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use ephemera::admin::api::{
     Credentials, LeaseFilter, LeaseList, LeaseView, RevokeRequest, RevokeResponse,
 };
-use ephemera::admin_client::AdminClient;
+use ephemera::admin::client::AdminClient;
 use ephemera_engine::{LeaseId, LeaseState};
 use serde::Serialize;
 use time::format_description::FormatItem;

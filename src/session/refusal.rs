@@ -7,8 +7,8 @@ use bytes::BytesMut;
 use ephemera_engine::EngineError;
 
 use crate::identity::{IdentityError, SpiffeId};
-use crate::protocol::{fatal, sqlstate, ProtocolError};
-use crate::upstream::UpstreamError;
+use crate::session::protocol::{fatal, sqlstate, ProtocolError};
+use crate::session::upstream::UpstreamError;
 
 const CONNECT_HINT: &str = "Connect with TLS and your X.509-SVID as the client certificate, e.g. \
      \"sslmode=verify-full sslrootcert=<ephemera CA> sslcert=<svid.pem> sslkey=<svid-key.pem>\".";

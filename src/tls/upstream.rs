@@ -1,5 +1,6 @@
-//! TLS towards the upstream PostgreSQL, shared by the admin pool and the
-//! per-session logins.
+//! TLS towards the upstream PostgreSQL (`upstream.sslmode`, `upstream.ca`):
+//! the proxy's setting, used by the per-session logins and handed to the
+//! engines for their admin connections.
 
 use std::sync::Arc;
 
@@ -79,11 +80,10 @@ impl UpstreamTls {
         self.config.clone()
     }
 
-    pub(crate) fn tokio_postgres_mode(&self) -> tokio_postgres::config::SslMode {
-        match self.mode {
-            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
-            SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
-        }
+    /// What engines get for their admin connections: the client
+    /// configuration, or `None` for plain connections.
+    pub fn engine_config(&self) -> Option<Arc<ClientConfig>> {
+        (self.mode != SslMode::Disable).then(|| self.config.clone())
     }
 }
 

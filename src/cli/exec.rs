@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ephemera::admin::api::Credentials;
-use ephemera::admin_client::{AdminClient, AdminClientError};
+use ephemera::admin::client::{AdminClient, AdminClientError};
 use ephemera_engine::LeaseId;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;

@@ -24,6 +24,8 @@
 //!
 //! Each planned change comes back as a [`Cleanup`], which the proxy audits.
 
+pub(crate) mod run;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use ephemera_engine::Cleanup;

@@ -187,7 +187,7 @@ impl AuditEvent {
 }
 
 /// Where audit events go: a JSON-lines file (if configured) and the process
-/// log (always, at info level, target `ephemera::audit`).
+/// log (always, at info level, target `ephemera::ops::audit`).
 #[derive(Debug)]
 pub struct AuditLog {
     file: Option<(PathBuf, Mutex<File>)>,
@@ -214,7 +214,7 @@ impl AuditLog {
 
     pub fn record(&self, event: AuditEvent) {
         let line = serde_json::to_string(&event).expect("audit events always serialise");
-        tracing::info!(target: "ephemera::audit", "{line}");
+        tracing::info!(target: "ephemera::ops::audit", "{line}");
         if let Some((path, file)) = &self.file {
             let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
             // One write per line: O_APPEND keeps lines whole; no buffering,

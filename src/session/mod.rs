@@ -4,21 +4,28 @@
 //! relay → revoke. The lease is revoked however this ends (normal close,
 //! error, panic), because [`SessionLease`] revokes itself when dropped.
 
+pub mod cancel;
+pub mod front_door;
+pub mod protocol;
+pub mod refusal;
+pub mod relay;
+pub mod services;
+pub mod upstream;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use crate::audit::AuditEvent;
 use crate::config::{Rules, TemplateSettings};
-use crate::front_door::{refuse, refuse_and_audit, Admitted};
 use crate::leases::{EndReason, SessionLease};
+use crate::ops::audit::AuditEvent;
 use crate::policy::Decision;
-use crate::protocol::{authentication_ok, backend_key_data, negotiate_protocol_version};
-use crate::refusal::Refusal;
-use crate::server::Proxy;
-use crate::upstream;
+use crate::session::front_door::{refuse, refuse_and_audit, Admitted};
+use crate::session::protocol::{authentication_ok, backend_key_data, negotiate_protocol_version};
+use crate::session::refusal::Refusal;
+use crate::session::services::Services;
 
 /// Startup parameters Ephemera decides itself; everything else is passed on.
 const OWNED_PARAMETERS: [&str; 3] = ["user", "database", "replication"];
@@ -35,7 +42,7 @@ struct Request {
     minor_version: u16,
 }
 
-pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
+pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) {
     let Admitted {
         mut stream,
         startup,
@@ -43,33 +50,42 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
     } = admitted;
     let identity = svid.id;
 
-    let Ok(_session_permit) = proxy.sessions.clone().try_acquire_owned() else {
+    let Ok(_session_permit) = services.sessions.clone().try_acquire_owned() else {
         let refusal = Refusal::TooManyConnections {
-            limit: proxy.max_connections,
+            limit: services.max_connections,
         };
         return refuse(stream, refusal, peer).await;
     };
 
     let requested_template = startup.parameters.get("user").cloned();
-    let request = match decide(&proxy.rules(), &identity, startup) {
+    let request = match decide(&services.rules(), &identity, startup) {
         Ok(request) => request,
         Err(refusal) => {
             let who = Some(identity.to_string());
-            return refuse_and_audit(&proxy, stream, refusal, peer, who, requested_template).await;
+            return refuse_and_audit(&services, stream, refusal, peer, who, requested_template)
+                .await;
         }
     };
 
-    if !proxy.issue_limiter.try_take(identity.as_str()) {
+    if !services.issue_limiter.try_take(identity.as_str()) {
         let refusal = Refusal::RateLimited {
             identity: identity.clone(),
-            rate: proxy.issue_limiter.rate(),
-            burst: proxy.issue_limiter.burst(),
+            rate: services.issue_limiter.rate(),
+            burst: services.issue_limiter.burst(),
         };
         let who = Some(identity.to_string());
-        return refuse_and_audit(&proxy, stream, refusal, peer, who, Some(request.template)).await;
+        return refuse_and_audit(
+            &services,
+            stream,
+            refusal,
+            peer,
+            who,
+            Some(request.template),
+        )
+        .await;
     }
 
-    let mut lease = match proxy
+    let mut lease = match services
         .leases
         .issue_session(
             &identity,
@@ -82,23 +98,23 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
     {
         Ok(lease) => lease,
         Err(source) => {
-            proxy.leases.audit().record(AuditEvent::issue_failed(
+            services.leases.audit().record(AuditEvent::issue_failed(
                 identity.to_string(),
                 request.template.clone(),
                 peer,
                 source.to_string(),
             ));
-            let upstream = proxy.upstream.address();
+            let upstream = services.upstream.address();
             return refuse(stream, Refusal::Mint { upstream, source }, peer).await;
         }
     };
 
     let mut session = match upstream::login(
-        &proxy.upstream,
+        &services.upstream,
         &lease.lease().role,
         &request.database,
         &request.forwarded,
-        lease.secret(),
+        lease.login(),
     )
     .await
     {
@@ -111,13 +127,13 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
 
     // A session can change its role's password; with the login window closed
     // now, that password opens nothing (SECURITY.md, finding 3).
-    if let Err(source) = proxy.leases.close_login(lease.lease()).await {
+    if let Err(source) = services.leases.close_login(lease.lease()).await {
         lease.set_end_reason(EndReason::LoginFailed);
-        let upstream = proxy.upstream.address();
+        let upstream = services.upstream.address();
         return refuse(stream, Refusal::Mint { upstream, source }, peer).await;
     }
 
-    let cancel = proxy.cancels.register(session.backend_key);
+    let cancel = services.cancels.register(session.backend_key);
     let mut hello = BytesMut::with_capacity(session.greeting.len() + 64);
     if request.minor_version != 0 || !request.unsupported_options.is_empty() {
         hello.extend_from_slice(&negotiate_protocol_version(request.unsupported_options));
@@ -131,9 +147,9 @@ pub async fn run(proxy: Arc<Proxy>, admitted: Admitted, peer: SocketAddr) {
     }
 
     log_session(&lease, peer, "session started");
-    proxy.leases.logged_in(lease.lease());
+    services.leases.logged_in(lease.lease());
     let _active = ActiveSession::start();
-    let result = crate::relay::relay(&mut stream, &mut session.stream).await;
+    let result = crate::session::relay::relay(&mut stream, &mut session.stream).await;
     match result {
         Ok(relayed) => tracing::info!(
             lease_id = %lease.lease().id, role = %lease.lease().role,
@@ -154,14 +170,14 @@ struct ActiveSession;
 
 impl ActiveSession {
     fn start() -> Self {
-        metrics::gauge!(crate::telemetry::SESSIONS_ACTIVE).increment(1.0);
+        metrics::gauge!(crate::ops::telemetry::SESSIONS_ACTIVE).increment(1.0);
         ActiveSession
     }
 }
 
 impl Drop for ActiveSession {
     fn drop(&mut self) {
-        metrics::gauge!(crate::telemetry::SESSIONS_ACTIVE).decrement(1.0);
+        metrics::gauge!(crate::ops::telemetry::SESSIONS_ACTIVE).decrement(1.0);
     }
 }
 
@@ -177,7 +193,7 @@ fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {
 fn decide(
     rules: &Rules,
     identity: &crate::identity::SpiffeId,
-    startup: crate::protocol::StartupRequest,
+    startup: crate::session::protocol::StartupRequest,
 ) -> Result<Request, Refusal> {
     let mut parameters = startup.parameters;
     if let Some(replication) = parameters.get("replication") {

@@ -6,6 +6,8 @@
 //! with the key it is about (`templates.billing_rw.database`) and what to do.
 //! Relative paths are relative to the configuration file's directory.
 
+pub mod check;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,16 +15,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ephemera_engine::Password;
-use ephemera_engine_postgres::{
-    AdminConnection, PostgresEngineConfig, RoleTemplate, SslMode, UpstreamTls,
-};
+use ephemera_engine::{AdminLogin, Password, Template, Upstream};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
+use crate::engines::{EngineRegistry, EngineTemplates, EnginesConfig};
 use crate::identity::{AcceptAnyClientCert, SvidVerifier};
 use crate::policy::{IdPattern, Policy, PolicyRule};
+use crate::tls::upstream::{SslMode, UpstreamTls};
 
 /// The longest duration any key accepts, and the longest `ttl` the admin
 /// API's renew accepts: 10 years (`"10y"`; humantime's year is 365.25 days).
@@ -45,8 +46,10 @@ pub struct FileConfig {
     pub upstream: UpstreamSection,
     #[serde(default)]
     pub lease: LeaseSection,
+    /// Each template's table as written: the proxy takes its own keys
+    /// ([`TemplateSection`]) and hands the rest to the template's engine.
     #[serde(default)]
-    pub templates: BTreeMap<String, TemplateSection>,
+    pub templates: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     pub policy: Vec<PolicySection>,
     #[serde(default)]
@@ -144,26 +147,24 @@ impl Default for LeaseSection {
     }
 }
 
+/// The proxy's own keys of a `[templates.<name>]` table; every other key
+/// belongs to the engine the template names.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateSection {
+    /// Which engine mints this template's credentials.
+    #[serde(default = "defaults::engine")]
+    pub engine: String,
     pub database: String,
-    #[serde(default)]
-    pub member_of: Vec<String>,
-    #[serde(default)]
-    pub owner: Option<String>,
-    #[serde(default)]
-    pub creation_statements: Vec<String>,
-    #[serde(default)]
-    pub revocation_statements: Vec<String>,
-    /// With `owner`: hand the session's large objects over instead of
-    /// removing them.
-    #[serde(default)]
-    pub keep_large_objects: bool,
     #[serde(default = "defaults::ttl", with = "humantime_serde")]
     pub ttl: Duration,
     #[serde(default = "defaults::max_ttl", with = "humantime_serde")]
     pub max_ttl: Duration,
+}
+
+impl TemplateSection {
+    /// The keys [`TemplateSection`] reads; the rest go to the engine.
+    pub const KEYS: [&'static str; 4] = ["engine", "database", "ttl", "max_ttl"];
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +184,9 @@ const TLS_RECORD_HEADER: usize = 5;
 mod defaults {
     use std::time::Duration;
 
+    pub fn engine() -> String {
+        crate::engines::DEFAULT_ENGINE.into()
+    }
     pub fn handshake_timeout() -> Duration {
         Duration::from_secs(10)
     }
@@ -374,7 +378,8 @@ pub struct Settings {
     pub server_tls: Arc<rustls::ServerConfig>,
     pub svid_verifier: Arc<SvidVerifier>,
     pub upstream: UpstreamSettings,
-    pub engine: PostgresEngineConfig,
+    /// The engines, what they start with, and their templates.
+    pub engines: EnginesConfig,
     /// Templates and policy: what SIGHUP reloads.
     pub rules: Rules,
     pub lease: LeaseSettings,
@@ -405,20 +410,30 @@ impl Settings {
     /// Load `path` (TOML) with `EPHEMERA_*` overrides
     /// (`EPHEMERA_UPSTREAM__PORT=5433` sets `upstream.port`) and validate it.
     pub fn load(path: &Path) -> Result<Settings, ConfigErrors> {
+        Self::load_with(path, EngineRegistry::builtin())
+    }
+
+    /// [`Settings::load`] with the engines of `registry` (the built-in ones
+    /// plus any a program or test registered).
+    pub fn load_with(path: &Path, registry: EngineRegistry) -> Result<Settings, ConfigErrors> {
         let fail = |problems: Vec<ConfigProblem>| ConfigErrors {
             path: path.to_owned(),
             problems,
         };
         let file = read_file_config(path).map_err(|p| fail(vec![p]))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut settings = Settings::from_file_config(file, base).map_err(fail)?;
+        let mut settings = Settings::from_file_config(file, base, registry).map_err(fail)?;
         settings.source = Some(path.to_owned());
         Ok(settings)
     }
 
     /// Validate an already parsed configuration; relative paths are
     /// resolved against `base`.
-    pub fn from_file_config(file: FileConfig, base: &Path) -> Result<Settings, Vec<ConfigProblem>> {
+    pub fn from_file_config(
+        file: FileConfig,
+        base: &Path,
+        registry: EngineRegistry,
+    ) -> Result<Settings, Vec<ConfigProblem>> {
         let mut problems = Problems::default();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
 
@@ -645,62 +660,7 @@ impl Settings {
         }
 
         // -- templates --
-        let mut role_templates = Vec::new();
-        let mut templates = BTreeMap::new();
-        if file.templates.is_empty() {
-            problems.add(
-                "templates",
-                "define at least one role template, e.g. [templates.app_rw]",
-            );
-        }
-        for (name, t) in &file.templates {
-            let key = format!("templates.{name}");
-            if let Err(reason) = ephemera_engine_postgres::template::check_template_name(name) {
-                problems.add(&key, reason);
-            }
-            if t.database.is_empty() {
-                problems.add(
-                    format!("{key}.database"),
-                    "must name the database sessions of this template use",
-                );
-            }
-            if t.ttl.is_zero() {
-                problems.add(format!("{key}.ttl"), "must be longer than 0s, e.g. \"15m\"");
-            }
-            problems.at_most_max(format!("{key}.ttl"), t.ttl);
-            problems.at_most_max(format!("{key}.max_ttl"), t.max_ttl);
-            if t.max_ttl < t.ttl {
-                problems.add(
-                    format!("{key}.max_ttl"),
-                    format!(
-                        "must be at least ttl ({}), e.g. \"1h\"",
-                        humantime::format_duration(t.ttl)
-                    ),
-                );
-            }
-            for (i, group) in t.member_of.iter().enumerate() {
-                if group.is_empty() || group.contains('\0') {
-                    problems.add(format!("{key}.member_of[{i}]"), "must be a group role name");
-                }
-            }
-            role_templates.push(RoleTemplate {
-                name: name.clone(),
-                database: t.database.clone(),
-                member_of: t.member_of.clone(),
-                owner: t.owner.clone().filter(|o| !o.is_empty()),
-                creation_statements: t.creation_statements.clone(),
-                revocation_statements: t.revocation_statements.clone(),
-                keep_large_objects: t.keep_large_objects,
-            });
-            templates.insert(
-                name.clone(),
-                TemplateSettings {
-                    database: t.database.clone(),
-                    ttl: t.ttl,
-                    max_ttl: t.max_ttl,
-                },
-            );
-        }
+        let (templates, engine_templates) = templates(&file.templates, &registry, &mut problems);
 
         // -- policy --
         let mut rules = Vec::new();
@@ -793,18 +753,22 @@ impl Settings {
                         tls: tls.clone(),
                         connect_timeout: up.connect_timeout,
                     },
-                    engine: PostgresEngineConfig {
-                        admin: AdminConnection {
+                    engines: EnginesConfig {
+                        registry,
+                        upstream: Upstream {
                             host: up.host.clone(),
                             port: up.port,
+                            tls: tls.engine_config(),
+                            connect_timeout: up.connect_timeout,
+                        },
+                        admin: AdminLogin {
                             user: up.admin_user.clone(),
                             password,
-                            tls,
-                            pool_size: up.pool_size,
                             database: up.admin_database.clone(),
+                            pool_size: up.pool_size,
                         },
                         login_window: file.lease.login_window,
-                        templates: role_templates,
+                        templates: engine_templates,
                     },
                     rules: Rules {
                         templates,
@@ -825,6 +789,105 @@ impl Settings {
             _ => Err(problems.0),
         }
     }
+}
+
+/// Split each template's table between the proxy's keys and its engine's,
+/// and have the engine check its part. Problems carry full key paths.
+fn templates(
+    tables: &BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
+    registry: &EngineRegistry,
+    problems: &mut Problems,
+) -> (BTreeMap<String, TemplateSettings>, EngineTemplates) {
+    let mut settings = BTreeMap::new();
+    let mut engine_templates = Vec::new();
+    if tables.is_empty() {
+        problems.add(
+            "templates",
+            "define at least one role template, e.g. [templates.app_rw]",
+        );
+    }
+    for (name, table) in tables {
+        let key = format!("templates.{name}");
+        let at = |sub: &str| {
+            if sub.is_empty() {
+                key.clone()
+            } else {
+                format!("{key}.{sub}")
+            }
+        };
+        let (own, engine_keys): (serde_json::Map<_, _>, serde_json::Map<_, _>) = table
+            .clone()
+            .into_iter()
+            .partition(|(k, _)| TemplateSection::KEYS.contains(&k.as_str()));
+        let t: TemplateSection =
+            match ephemera_engine::keys::from_keys(serde_json::Value::Object(own)) {
+                Ok(t) => t,
+                Err(problem) => {
+                    problems.add(at(&problem.key), problem.message);
+                    continue;
+                }
+            };
+        if t.database.is_empty() {
+            problems.add(
+                at("database"),
+                "must name the database sessions of this template use",
+            );
+        }
+        if t.ttl.is_zero() {
+            problems.add(at("ttl"), "must be longer than 0s, e.g. \"15m\"");
+        }
+        problems.at_most_max(at("ttl"), t.ttl);
+        problems.at_most_max(at("max_ttl"), t.max_ttl);
+        if t.max_ttl < t.ttl {
+            problems.add(
+                at("max_ttl"),
+                format!(
+                    "must be at least ttl ({}), e.g. \"1h\"",
+                    humantime::format_duration(t.ttl)
+                ),
+            );
+        }
+        let Some(kind) = registry.get(&t.engine) else {
+            problems.add(
+                at("engine"),
+                format!(
+                    "no engine named {:?}; use one of {:?}",
+                    t.engine,
+                    registry.names()
+                ),
+            );
+            continue;
+        };
+        match kind.template(name, &t.database, engine_keys) {
+            Ok(spec) => engine_templates.push((
+                kind.name(),
+                Template {
+                    name: name.clone(),
+                    database: t.database.clone(),
+                    spec,
+                },
+            )),
+            Err(engine_problems) => {
+                for problem in engine_problems {
+                    problems.add(at(&problem.key), problem.message);
+                }
+            }
+        }
+        settings.insert(
+            name.clone(),
+            TemplateSettings {
+                database: t.database,
+                ttl: t.ttl,
+                max_ttl: t.max_ttl,
+            },
+        );
+    }
+    (
+        settings,
+        EngineTemplates {
+            templates: engine_templates,
+        },
+    )
 }
 
 type ServerIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);

@@ -3,6 +3,8 @@
 //! hour, CAs a day), so a reload (SIGHUP) swaps them in place: connections
 //! accepted afterwards use the new files, established ones keep theirs.
 
+pub mod upstream;
+
 use std::sync::{Arc, RwLock};
 
 use tokio_rustls::TlsAcceptor;

@@ -26,17 +26,17 @@ use std::time::Duration;
 
 use ephemera_engine::{
     checked_add, checked_sub, Engine, EngineError, IssueRequest, Lease, LeaseId, LeaseKind,
-    LeaseState, Password, ReaperElection, RevokeOutcome, ScramSecret,
+    LeaseState, Password, ReaperElection, RevokeOutcome, UpstreamLogin,
 };
 use time::OffsetDateTime;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::api::{LeaseFilter, LeaseView, RevokeRequest};
-use crate::audit::{AuditEvent, AuditKind, AuditLog};
 use crate::config::{Rules, TemplateSettings, MAX_DURATION};
 use crate::identity::SpiffeId;
+use crate::ops::audit::{AuditEvent, AuditKind, AuditLog};
+use crate::ops::telemetry;
 use crate::policy::Decision;
-use crate::telemetry;
 
 /// First and longest wait between attempts to revoke a lease.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
@@ -72,6 +72,8 @@ pub enum EndReason {
     Reaped,
     /// Its role vanished from the database (dropped by someone else).
     RoleVanished,
+    /// A standalone lease whose engine gave no credential a client can use.
+    NoClientCredential,
 }
 
 impl EndReason {
@@ -87,6 +89,7 @@ impl EndReason {
             EndReason::PolicyChanged => "policy_changed",
             EndReason::Reaped => "reaped",
             EndReason::RoleVanished => "role_vanished",
+            EndReason::NoClientCredential => "no_client_credential",
         }
     }
 
@@ -236,7 +239,7 @@ impl LeaseManager {
         settings: &TemplateSettings,
         client_addr: Option<SocketAddr>,
         svid_not_after: Option<OffsetDateTime>,
-    ) -> Result<(Lease, ScramSecret, Option<Password>), EngineError> {
+    ) -> Result<(Lease, UpstreamLogin, Option<Password>), EngineError> {
         let now = whole_seconds(OffsetDateTime::now_utc());
         let mut max_expires_at = checked_add(now, settings.max_ttl).ok_or_else(|| {
             EngineError::TimeOutOfRange(format!("now + the max_ttl of template {template:?}"))
@@ -276,7 +279,7 @@ impl LeaseManager {
             },
         );
         metrics::gauge!(telemetry::LEASES_ACTIVE).set(registry.active.len() as f64);
-        Ok((lease, credential.secret, credential.password))
+        Ok((lease, credential.login, credential.client_password))
     }
 
     /// Issue a lease for a proxied session; it ends when the returned guard
@@ -289,7 +292,7 @@ impl LeaseManager {
         client_addr: SocketAddr,
         svid_not_after: Option<OffsetDateTime>,
     ) -> Result<SessionLease, EngineError> {
-        let (lease, secret, _) = self
+        let (lease, login, _) = self
             .issue(
                 LeaseKind::Session,
                 identity,
@@ -302,7 +305,7 @@ impl LeaseManager {
         Ok(SessionLease {
             manager: self.clone(),
             lease,
-            secret,
+            login,
             end_reason: EndReason::SessionEnded,
         })
     }
@@ -326,7 +329,7 @@ impl LeaseManager {
                 template: template.to_owned(),
             });
         }
-        let (lease, _, password) = self
+        let (lease, login, password) = self
             .issue(
                 LeaseKind::Standalone,
                 identity,
@@ -336,7 +339,20 @@ impl LeaseManager {
                 None,
             )
             .await?;
-        let password = password.expect("the engine returns a password for standalone leases");
+        // The client logs in directly: it needs a password. An engine whose
+        // credential is something else cannot serve standalone leases; the
+        // credential it made is given back at once.
+        let password = match (password, login) {
+            (Some(password), _) | (None, UpstreamLogin::Password(password)) => password,
+            (None, _) => {
+                let engine = lease.engine;
+                self.end(lease.id, EndReason::NoClientCredential);
+                return Err(LeaseError::Engine(EngineError::Unsupported {
+                    engine,
+                    what: "hand out a password for a standalone lease",
+                }));
+            }
+        };
         Ok((lease, password))
     }
 
@@ -923,7 +939,7 @@ fn view(lease: &Lease, state: LeaseState, ended: Option<&Ended>) -> LeaseView {
 pub struct SessionLease {
     manager: Arc<LeaseManager>,
     lease: Lease,
-    secret: ScramSecret,
+    login: UpstreamLogin,
     end_reason: EndReason,
 }
 
@@ -932,8 +948,9 @@ impl SessionLease {
         &self.lease
     }
 
-    pub fn secret(&self) -> &ScramSecret {
-        &self.secret
+    /// How Ephemera logs in upstream as the lease's credential.
+    pub fn login(&self) -> &UpstreamLogin {
+        &self.login
     }
 
     /// Record why the lease is ending (defaults to the session ending).

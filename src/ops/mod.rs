@@ -1,0 +1,7 @@
+//! Running Ephemera in production: the audit log, metrics, limits that keep
+//! one client from costing others, and process hardening.
+
+pub mod audit;
+pub mod hardening;
+pub mod limits;
+pub mod telemetry;
