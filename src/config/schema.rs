@@ -1,0 +1,207 @@
+//! The file schema: the TOML DBAs write. Keep these names: DBAs and our
+//! checks write against them (config.toml is the annotated example).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The longest duration any key accepts, and the longest `ttl` the admin
+/// API's renew accepts: 10 years (`"10y"`; humantime's year is 365.25 days).
+/// Longer ones are refused: lease times are computed from them, and far
+/// enough ahead (the year 9999) a time is no longer representable.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// The ALPN protocol PostgreSQL 17 clients announce for direct TLS.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: ListenSection,
+    pub tls: TlsSection,
+    pub upstream: UpstreamSection,
+    #[serde(default)]
+    pub lease: LeaseSection,
+    /// Each template's table as written: the proxy takes its own keys
+    /// ([`TemplateSection`]) and hands the rest to the template's engine.
+    #[serde(default)]
+    pub templates: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub policy: Vec<PolicySection>,
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Where the admin API listens (HTTPS with client certificates).
+    pub listen: String,
+    /// SPIFFE ID patterns (as in `[[policy]]`) allowed to administer leases.
+    pub identities: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// JSON-lines audit log; unset: audit events go to the process log only.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSection {
+    pub address: String,
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Relayed sessions at once; past it, new clients get 53300.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub trust_bundle: PathBuf,
+    pub trust_domains: Vec<String>,
+    /// Federated trust domains, each with its own bundle file: their SVIDs
+    /// must chain to that bundle, and only theirs may.
+    #[serde(default)]
+    pub federation: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub host: String,
+    pub port: u16,
+    #[serde(default = "defaults::admin_database")]
+    pub admin_database: String,
+    pub admin_user: String,
+    pub admin_password_file: PathBuf,
+    #[serde(default = "defaults::sslmode")]
+    pub sslmode: String,
+    #[serde(default)]
+    pub ca: String,
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: usize,
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseSection {
+    #[serde(default = "defaults::login_window", with = "humantime_serde")]
+    pub login_window: Duration,
+    #[serde(default = "defaults::reap_interval", with = "humantime_serde")]
+    pub reap_interval: Duration,
+    #[serde(default = "defaults::bind_to_svid")]
+    pub bind_to_svid: bool,
+    /// New leases per identity per second (token bucket refill rate).
+    #[serde(default = "defaults::issue_rate")]
+    pub issue_rate_per_identity: f64,
+    /// New leases an identity may take at once (token bucket size).
+    #[serde(default = "defaults::issue_burst")]
+    pub issue_burst_per_identity: u32,
+}
+
+impl Default for LeaseSection {
+    fn default() -> Self {
+        LeaseSection {
+            login_window: defaults::login_window(),
+            reap_interval: defaults::reap_interval(),
+            bind_to_svid: defaults::bind_to_svid(),
+            issue_rate_per_identity: defaults::issue_rate(),
+            issue_burst_per_identity: defaults::issue_burst(),
+        }
+    }
+}
+
+/// The proxy's own keys of a `[templates.<name>]` table; every other key
+/// belongs to the engine the template names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSection {
+    /// Which engine mints this template's credentials.
+    #[serde(default = "defaults::engine")]
+    pub engine: String,
+    pub database: String,
+    #[serde(default = "defaults::ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(default = "defaults::max_ttl", with = "humantime_serde")]
+    pub max_ttl: Duration,
+}
+
+impl TemplateSection {
+    /// The keys [`TemplateSection`] reads; the rest go to the engine.
+    pub const KEYS: [&'static str; 4] = ["engine", "database", "ttl", "max_ttl"];
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    pub spiffe_id: String,
+    pub templates: Vec<String>,
+}
+
+/// The most plaintext a TLS record towards a PostgreSQL client carries, as
+/// PostgreSQL itself sends (its SSL buffer is 8 KiB).
+pub const CLIENT_RECORD_PLAINTEXT: usize = 8192;
+/// rustls counts `max_fragment_size` with the record header (type, version,
+/// length).
+pub(crate) const TLS_RECORD_HEADER: usize = 5;
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn engine() -> String {
+        crate::engines::DEFAULT_ENGINE.into()
+    }
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn admin_database() -> String {
+        "postgres".into()
+    }
+    pub fn sslmode() -> String {
+        "require".into()
+    }
+    pub fn pool_size() -> usize {
+        4
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn login_window() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn ttl() -> Duration {
+        Duration::from_secs(15 * 60)
+    }
+    pub fn max_ttl() -> Duration {
+        Duration::from_secs(60 * 60)
+    }
+    pub fn reap_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn bind_to_svid() -> bool {
+        true
+    }
+    pub fn max_connections() -> usize {
+        1000
+    }
+    pub fn issue_rate() -> f64 {
+        10.0
+    }
+    pub fn issue_burst() -> u32 {
+        50
+    }
+}
