@@ -289,7 +289,17 @@ impl TestProxy {
 
     /// Serve the configuration in `files` until shut down.
     pub async fn serve(files: ProxyFiles) -> TestProxy {
-        let settings = Settings::load(&files.config_path).unwrap_or_else(|e| panic!("{e}"));
+        TestProxy::serve_with(files, ephemera::engines::EngineRegistry::builtin()).await
+    }
+
+    /// [`TestProxy::serve`] with the engines of `registry` (e.g. one defined
+    /// by the test).
+    pub async fn serve_with(
+        files: ProxyFiles,
+        registry: ephemera::engines::EngineRegistry,
+    ) -> TestProxy {
+        let settings =
+            Settings::load_with(&files.config_path, registry).unwrap_or_else(|e| panic!("{e}"));
         let server = Server::bind(settings).await.expect("the proxy binds");
         let addr = server.local_addr();
         let admin_addr = server.admin_addr();
