@@ -68,8 +68,17 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn sqlstate(&self) -> &'static str {
+    /// The SQLSTATE the client gets. Where the database itself refused
+    /// for lack of resources (class 53, e.g. `53300` too many connections),
+    /// its own code is passed on, so clients back off as they would from
+    /// PostgreSQL.
+    pub fn sqlstate(&self) -> &str {
         use sqlstate::*;
+        if let Refusal::Mint { source, .. } = self {
+            if let Some(code) = source.sqlstate().filter(|c| c.class() == "53") {
+                return code.code();
+            }
+        }
         match self {
             Refusal::TlsRequired
             | Refusal::GssEncryption
@@ -155,5 +164,33 @@ fn alternatives(allowed: &BTreeSet<String>) -> String {
     } else {
         let list: Vec<&str> = allowed.iter().map(String::as_str).collect();
         format!("Set user=<template> to one of: {}.", list.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ephemera_engine::SqlState;
+
+    fn mint(code: &str) -> Refusal {
+        Refusal::Mint {
+            upstream: "db:5432".into(),
+            source: EngineError::refused("create a role", SqlState::new(code), "refused"),
+        }
+    }
+
+    #[test]
+    fn the_databases_own_sqlstate_reaches_the_client_when_it_is_about_resources() {
+        assert_eq!(mint("53300").sqlstate(), "53300");
+        assert_eq!(mint("53200").sqlstate(), "53200");
+        assert_eq!(mint("42501").sqlstate(), sqlstate::REJECTED_CONNECTION);
+        let unavailable = Refusal::Mint {
+            upstream: "db:5432".into(),
+            source: EngineError::Unavailable {
+                action: "create a role",
+                source: "connection refused".into(),
+            },
+        };
+        assert_eq!(unavailable.sqlstate(), sqlstate::CONNECTION_FAILURE);
     }
 }
