@@ -41,12 +41,12 @@ mod error;
 mod tls;
 
 use std::fmt;
-use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
 use hyper::body::Bytes;
 use hyper::Method;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::DeserializeOwned;
@@ -283,20 +283,18 @@ fn state_name(state: LeaseState) -> String {
     }
 }
 
+/// Everything but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`).
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes everything but RFC 3986's unreserved characters, so the
 /// result is safe in a path segment or a query value (`spiffe://a/b` becomes
 /// `spiffe%3A%2F%2Fa%2Fb`).
 fn encode_component(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            // Writing to a String cannot fail.
-            let _ = write!(out, "%{byte:02X}");
-        }
-    }
-    out
+    utf8_percent_encode(value, COMPONENT).to_string()
 }
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
