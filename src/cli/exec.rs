@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::cli::AdminArgs;
+use super::args::AdminArgs;
 
 /// `ephemera exec` failed before the command ran.
 const EXIT_SETUP_FAILED: u8 = 125;

@@ -1,759 +1,203 @@
-//! `ephemera leases …`, `ephemera revoke …` and `ephemera creds …`: the admin
-//! API from the command line, through [`AdminClient`].
+//! The `ephemera` command line: [`Cli`] and its [`Command`]s, the one clap
+//! definition of every command, and [`run`], which carries a command out.
 //!
-//! `main.rs` wires these into its `Command` enum, e.g.
+//! * `args`: the admin API commands' arguments, and the client they describe;
+//! * `leases`: `ephemera leases|revoke|creds`, and how their answers are shown;
+//! * `exec`: `ephemera exec`;
+//! * `serve`: `ephemera serve|dev|check-config`.
 //!
-//! ```ignore
-//! /// List, show, renew and revoke leases (admin API).
-//! Leases {
-//!     #[command(flatten)]
-//!     admin: cli::AdminArgs,
-//!     #[command(subcommand)]
-//!     command: cli::LeasesCommand,
-//! },
-//! /// Revoke every lease of an identity, identity prefix or template.
-//! Revoke {
-//!     #[command(flatten)]
-//!     admin: cli::AdminArgs,
-//!     #[command(flatten)]
-//!     select: cli::RevokeArgs,
-//! },
-//! /// Get a standalone username and password for a template.
-//! Creds {
-//!     #[command(flatten)]
-//!     admin: cli::AdminArgs,
-//!     #[command(flatten)]
-//!     creds: cli::CredsArgs,
-//! },
-//! ```
-//!
-//! and runs them on a tokio runtime. Output is a human-readable table or
-//! `key: value` lines, or with `--json` the API's JSON exactly as the
-//! [`ephemera::admin::api`] types serialise it. The formatting is done by
-//! small pure functions (tested below) so `main` stays free of layout code.
+//! This module is part of the binary only: its errors are `anyhow` errors,
+//! printed here as `ephemera: …`; the library has typed errors.
 
-pub mod exec;
+mod args;
+mod exec;
+mod leases;
+mod serve;
 
-use std::io::{self, Write};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{ArgGroup, Args, Subcommand, ValueEnum};
-use ephemera::admin::api::{
-    Credentials, LeaseFilter, LeaseList, LeaseView, RevokeRequest, RevokeResponse,
-};
-use ephemera::admin::client::AdminClient;
-use ephemera_engine::{LeaseId, LeaseState};
-use serde::Serialize;
-use time::format_description::FormatItem;
-use time::macros::format_description;
-use time::{OffsetDateTime, UtcOffset};
+use clap::{Parser, Subcommand, ValueEnum};
 
-/// How to reach and authenticate to the admin API. Every field is `global`,
-/// so it may be given before or after a `leases` subcommand.
-#[derive(Debug, Clone, Args)]
-pub struct AdminArgs {
-    /// The admin API's URL (https only).
-    #[arg(
-        long = "admin",
-        value_name = "URL",
-        env = "EPHEMERA_ADMIN",
-        default_value = "https://127.0.0.1:8443",
-        global = true
-    )]
-    pub admin: String,
+use self::args::{AdminArgs, CredsArgs, LeasesCommand, RevokeArgs};
 
-    /// Your X.509-SVID, PEM (leaf first, then intermediates). Required.
-    #[arg(long, value_name = "PATH", env = "EPHEMERA_CERT", global = true)]
-    pub cert: Option<PathBuf>,
-
-    /// The SVID's private key, PEM. Required.
-    #[arg(long, value_name = "PATH", env = "EPHEMERA_KEY", global = true)]
-    pub key: Option<PathBuf>,
-
-    /// The CA certificate(s) that issued the admin API's server certificate, PEM. Required.
-    #[arg(long, value_name = "PATH", env = "EPHEMERA_CA", global = true)]
-    pub ca: Option<PathBuf>,
-
-    /// Print the API's JSON instead of a table.
-    #[arg(long, global = true)]
-    pub json: bool,
+#[derive(Debug, Parser)]
+#[command(
+    name = "ephemera",
+    version,
+    about = "Dynamic PostgreSQL credentials for SPIFFE workloads"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EPHEMERA_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
 }
 
-/// Lease states for `leases list --state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StateArg {
-    Active,
-    Revoked,
-    Expired,
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
-impl From<StateArg> for LeaseState {
-    fn from(state: StateArg) -> LeaseState {
-        match state {
-            StateArg::Active => LeaseState::Active,
-            StateArg::Revoked => LeaseState::Revoked,
-            StateArg::Expired => LeaseState::Expired,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum LeasesCommand {
-    /// List leases; the filters combine.
-    List {
-        /// Only leases of this SPIFFE ID (e.g. spiffe://example.org/ns/prod/sa/api).
-        #[arg(long, value_name = "SPIFFE_ID")]
-        identity: Option<String>,
-        /// Only leases of this role template.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Try Ephemera on this machine: a throwaway PostgreSQL cluster, a
+    /// development CA and demo SVIDs, and the proxy, with commands to paste.
+    Dev {
+        /// Where the cluster, certificates, secrets and config live (reused).
+        #[arg(long, default_value = ".ephemera-dev")]
+        dir: PathBuf,
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: std::net::SocketAddr,
+        /// Where the admin API listens.
+        #[arg(long, default_value = "127.0.0.1:6443")]
+        admin_listen: std::net::SocketAddr,
+        /// Use this PostgreSQL instead of a throwaway cluster:
+        /// postgres://ADMIN:PASSWORD@HOST:PORT/postgres?sslmode=require
         #[arg(long)]
-        template: Option<String>,
-        /// Only leases in this state.
-        #[arg(long, value_enum)]
-        state: Option<StateArg>,
+        upstream: Option<String>,
     },
-    /// Show one lease.
-    Show {
-        /// The lease ID (a UUID, as `leases list` shows it).
-        id: LeaseId,
+    /// Run the proxy.
+    Serve {
+        /// The configuration file (TOML); EPHEMERA_* variables override it.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
     },
-    /// Extend a lease, never past its maximum lifetime.
-    Renew {
-        /// The lease ID.
-        id: LeaseId,
-        /// The new time to live from now (e.g. 10m, 1h 30m); default: the template's ttl.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        ttl: Option<Duration>,
+    /// Validate a configuration without serving; lists every problem.
+    CheckConfig {
+        /// The configuration file to check.
+        path: PathBuf,
+        /// Also log in to the upstream as the admin role and check what the
+        /// templates need there (CREATEROLE, databases, groups, owners).
+        #[arg(long)]
+        connect: bool,
     },
-    /// End a lease now: its role is dropped and its sessions terminated.
-    Revoke {
-        /// The lease ID.
-        id: LeaseId,
-    },
-}
-
-/// Which leases `ephemera revoke` ends: exactly one selector.
-#[derive(Debug, Clone, Args)]
-#[command(group(
-    ArgGroup::new("selector")
-        .args(["identity", "identity_prefix", "template"])
-        .required(true)
-        .multiple(false)
-))]
-pub struct RevokeArgs {
-    /// Every lease of this SPIFFE ID.
-    #[arg(long, value_name = "SPIFFE_ID")]
-    pub identity: Option<String>,
-    /// Every lease of the SPIFFE IDs starting with this (e.g. spiffe://example.org/ns/staging/).
-    #[arg(long, value_name = "PREFIX")]
-    pub identity_prefix: Option<String>,
-    /// Every lease of this role template.
-    #[arg(long)]
-    pub template: Option<String>,
-}
-
-impl From<RevokeArgs> for RevokeRequest {
-    fn from(args: RevokeArgs) -> RevokeRequest {
-        RevokeRequest {
-            identity: args.identity,
-            identity_prefix: args.identity_prefix,
-            template: args.template,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct CredsArgs {
-    /// The role template to get credentials for.
-    pub template: String,
-}
-
-// ----- the commands ------------------------------------------------------------
-
-/// `ephemera leases list|show|renew|revoke`.
-pub async fn leases(args: AdminArgs, cmd: LeasesCommand) -> anyhow::Result<()> {
-    let client = args.client()?;
-    let text = match cmd {
-        LeasesCommand::List {
-            identity,
-            template,
-            state,
-        } => {
-            let filter = LeaseFilter {
-                identity,
-                template,
-                state: state.map(LeaseState::from),
-            };
-            let leases = client.list_leases(&filter).await?;
-            if args.json {
-                to_json(&LeaseList { leases })?
-            } else {
-                format_lease_table(&leases)
-            }
-        }
-        LeasesCommand::Show { id } => lease_output(&args, &client.show_lease(id).await?)?,
-        LeasesCommand::Renew { id, ttl } => {
-            lease_output(&args, &client.renew_lease(id, ttl).await?)?
-        }
-        LeasesCommand::Revoke { id } => lease_output(&args, &client.revoke_lease(id).await?)?,
-    };
-    emit(&text)
-}
-
-/// `ephemera revoke --identity|--identity-prefix|--template`.
-pub async fn revoke(args: AdminArgs, r: RevokeArgs) -> anyhow::Result<()> {
-    let client = args.client()?;
-    let response = client.revoke(r.into()).await?;
-    let text = if args.json {
-        to_json(&response)?
-    } else {
-        format_revoked(&response)
-    };
-    emit(&text)
-}
-
-/// `ephemera creds TEMPLATE`. Prints the password: that is what it is for.
-pub async fn creds(args: AdminArgs, c: CredsArgs) -> anyhow::Result<()> {
-    let client = args.client()?;
-    let credentials = client.creds(&c.template).await?;
-    let text = if args.json {
-        to_json(&credentials)?
-    } else {
-        format_credentials(&credentials)
-    };
-    emit(&text)
-}
-
-impl AdminArgs {
-    /// The client these arguments describe, or an error naming every
-    /// missing option.
-    pub(crate) fn client(&self) -> anyhow::Result<AdminClient> {
-        let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) else {
-            anyhow::bail!(
-                "the admin API needs mutual TLS; missing:\n  {}",
-                self.missing_files().join("\n  ")
-            );
-        };
-        Ok(AdminClient::from_files(&self.admin, cert, key, ca)?)
-    }
-
-    /// Which of `--cert`, `--key`, `--ca` are missing, with what they are.
-    fn missing_files(&self) -> Vec<&'static str> {
-        let mut missing = Vec::new();
-        if self.cert.is_none() {
-            missing.push("--cert PATH (or EPHEMERA_CERT): your X.509-SVID");
-        }
-        if self.key.is_none() {
-            missing.push("--key PATH (or EPHEMERA_KEY): its private key");
-        }
-        if self.ca.is_none() {
-            missing.push("--ca PATH (or EPHEMERA_CA): the CA of the admin API's certificate");
-        }
-        missing
-    }
-}
-
-fn lease_output(args: &AdminArgs, lease: &LeaseView) -> anyhow::Result<String> {
-    if args.json {
-        to_json(lease)
-    } else {
-        Ok(format_lease_details(lease))
-    }
-}
-
-/// Pretty JSON of an API type, newline-terminated.
-fn to_json<T: Serialize>(value: &T) -> anyhow::Result<String> {
-    let mut text = serde_json::to_string_pretty(value).context("cannot encode the answer")?;
-    text.push('\n');
-    Ok(text)
-}
-
-/// Writes to stdout; a closed pipe (`ephemera leases list | head`) is not an error.
-fn emit(text: &str) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
-            Err(e).context("cannot write to standard output")
-        }
-        _ => Ok(()),
-    }
-}
-
-// ----- formatting (pure) -----------------------------------------------------------
-
-/// Timestamps in tables: UTC, to the second.
-const TIMESTAMP: &[FormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
-
-fn format_time(at: OffsetDateTime) -> String {
-    at.to_offset(UtcOffset::UTC)
-        .format(TIMESTAMP)
-        .unwrap_or_else(|_| at.to_string())
-}
-
-/// An API enum as it is spelt in JSON (`active`, `session`).
-fn json_name<T: Serialize + std::fmt::Debug>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => format!("{value:?}").to_lowercase(),
-    }
-}
-
-/// Left-aligned columns separated by two spaces; the last column is not
-/// padded, so lines carry no trailing spaces.
-fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let header_row: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
-    for row in std::iter::once(&header_row).chain(rows) {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let pad = widths[i] - cell.chars().count();
-                line.push_str(cell);
-                line.push_str(&" ".repeat(pad + 2));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-/// `key: value` lines with the values aligned.
-fn format_fields(fields: &[(&str, String)]) -> String {
-    let width = fields
-        .iter()
-        .map(|(key, _)| key.chars().count())
-        .max()
-        .unwrap_or(0);
-    let mut out = String::new();
-    for (key, value) in fields {
-        let pad = width - key.chars().count();
-        out.push_str(&format!("{key}:{}  {value}\n", " ".repeat(pad)));
-    }
-    out
-}
-
-/// The `leases list` table.
-fn format_lease_table(leases: &[LeaseView]) -> String {
-    if leases.is_empty() {
-        return "no leases\n".to_owned();
-    }
-    let rows: Vec<Vec<String>> = leases
-        .iter()
-        .map(|lease| {
-            vec![
-                lease.id.to_string(),
-                json_name(&lease.state),
-                lease.template.clone(),
-                lease.role.clone(),
-                lease.identity.clone(),
-                format_time(lease.expires_at),
-            ]
-        })
-        .collect();
-    format_table(
-        &["ID", "STATE", "TEMPLATE", "ROLE", "IDENTITY", "EXPIRES"],
-        &rows,
-    )
-}
-
-/// `leases show|renew|revoke`: every field, named as in the JSON.
-fn format_lease_details(lease: &LeaseView) -> String {
-    let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_owned());
-    format_fields(&[
-        ("id", lease.id.to_string()),
-        ("state", json_name(&lease.state)),
-        ("kind", json_name(&lease.kind)),
-        ("engine", lease.engine.clone()),
-        ("template", lease.template.clone()),
-        ("role", lease.role.clone()),
-        ("identity", lease.identity.clone()),
-        ("database", lease.database.clone()),
-        ("client_addr", or_dash(lease.client_addr.clone())),
-        ("issued_at", format_time(lease.issued_at)),
-        ("expires_at", format_time(lease.expires_at)),
-        ("max_expires_at", format_time(lease.max_expires_at)),
-        ("ended_at", or_dash(lease.ended_at.map(format_time))),
-        ("end_reason", or_dash(lease.end_reason.clone())),
-    ])
-}
-
-fn format_revoked(response: &RevokeResponse) -> String {
-    format!("revoked {} lease(s)\n", response.revoked)
-}
-
-/// `creds`: the credentials and a ready-to-paste psql command.
-fn format_credentials(credentials: &Credentials) -> String {
-    let mut out = format_fields(&[
-        ("lease_id", credentials.lease_id.to_string()),
-        ("username", credentials.username.clone()),
-        ("password", credentials.password.clone()),
-        ("host", credentials.host.clone()),
-        ("port", credentials.port.to_string()),
-        ("database", credentials.database.clone()),
-        ("expires_at", format_time(credentials.expires_at)),
-    ]);
-    out.push_str("\nconnect with:\n  ");
-    out.push_str(&psql_command(credentials));
-    out.push('\n');
-    out
-}
-
-/// `PGPASSWORD=… psql '…'` for a POSIX shell. The password goes in the
-/// environment rather than the connection string so it does not show up
-/// in other users' `ps`.
-fn psql_command(credentials: &Credentials) -> String {
-    let conninfo = [
-        ("host", credentials.host.as_str()),
-        ("port", &credentials.port.to_string()),
-        ("dbname", credentials.database.as_str()),
-        ("user", credentials.username.as_str()),
-    ]
-    .iter()
-    .map(|(key, value)| format!("{key}={}", libpq_quote(value)))
-    .collect::<Vec<_>>()
-    .join(" ");
-    format!(
-        "PGPASSWORD={} psql {}",
-        shell_quote(&credentials.password),
-        shell_quote(&conninfo)
-    )
-}
-
-/// A libpq connection-string value: bare if safe, else single-quoted with
-/// `\` and `'` escaped by a backslash.
-fn libpq_quote(value: &str) -> String {
-    let plain = !value.is_empty()
-        && !value
-            .chars()
-            .any(|c| c.is_whitespace() || c == '\'' || c == '\\' || c == '=');
-    if plain {
-        return value.to_owned();
-    }
-    let mut out = String::from("'");
-    for c in value.chars() {
-        if c == '\'' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
-}
-
-/// A POSIX shell word: single-quoted, with `'` written as `'\''`.
-fn shell_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
-}
-
-#[cfg(test)]
-mod tests {
-    use clap::{CommandFactory, Parser};
-    use ephemera_engine::LeaseKind;
-    use time::macros::datetime;
-
-    use super::*;
-
-    /// The wiring `main.rs` is expected to do (see the module doc).
-    #[derive(Debug, Parser)]
-    struct TestCli {
+    /// List, show, renew or revoke leases (admin API).
+    Leases {
+        #[command(flatten)]
+        admin: AdminArgs,
         #[command(subcommand)]
-        command: TestCommand,
+        command: LeasesCommand,
+    },
+    /// Revoke every lease of an identity, identity prefix or template, and
+    /// end their sessions (admin API).
+    Revoke {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        select: RevokeArgs,
+    },
+    /// Get standalone credentials (a password) for TEMPLATE as your own
+    /// identity, for clients that cannot come through the proxy.
+    Creds {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        creds: CredsArgs,
+    },
+    /// Run COMMAND with standalone credentials for TEMPLATE, revoked when it exits.
+    ///
+    /// COMMAND gets PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE and
+    /// PGSSLMODE; the lease is renewed while it runs. Exits with COMMAND's exit
+    /// code (128+N if signal N ended it).
+    Exec {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The role template to get credentials for.
+        #[arg(long)]
+        template: String,
+        /// libpq sslmode for COMMAND's connections to the database (PGSSLMODE).
+        #[arg(
+            long,
+            env = "EPHEMERA_PGSSLMODE",
+            default_value = "require",
+            value_parser = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+        )]
+        sslmode: String,
+        /// The database server's CA certificate(s), PEM (PGSSLROOTCERT).
+        #[arg(long, value_name = "PATH", env = "EPHEMERA_PGSSLROOTCERT")]
+        sslrootcert: Option<PathBuf>,
+        /// The command to run, and its arguments.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+}
+
+impl Command {
+    /// Whether the command reads the upstream admin password (and, serving,
+    /// holds every session's SCRAM keys): such a process must leave no core
+    /// file and allow no ptrace by the same user.
+    pub fn handles_secrets(&self) -> bool {
+        matches!(
+            self,
+            Command::Serve { .. } | Command::Dev { .. } | Command::CheckConfig { .. }
+        )
     }
 
-    #[derive(Debug, Subcommand)]
-    enum TestCommand {
-        Leases {
-            #[command(flatten)]
-            admin: AdminArgs,
-            #[command(subcommand)]
-            command: LeasesCommand,
-        },
-        Revoke {
-            #[command(flatten)]
-            admin: AdminArgs,
-            #[command(flatten)]
-            select: RevokeArgs,
-        },
-        Creds {
-            #[command(flatten)]
-            admin: AdminArgs,
-            #[command(flatten)]
-            creds: CredsArgs,
-        },
-    }
-
-    fn parse(args: &[&str]) -> Result<TestCommand, clap::Error> {
-        TestCli::try_parse_from(std::iter::once("ephemera").chain(args.iter().copied()))
-            .map(|cli| cli.command)
-    }
-
-    const ID: &str = "6f1c2b1e-3c4d-4e5f-8a9b-0c1d2e3f4a5b";
-
-    fn lease(identity: &str, role: &str) -> LeaseView {
-        LeaseView {
-            id: ID.parse().unwrap(),
-            engine: "postgres".into(),
-            kind: LeaseKind::Session,
-            template: "billing_rw".into(),
-            role: role.into(),
-            identity: identity.into(),
-            database: "billing".into(),
-            client_addr: Some("10.1.2.3:51000".into()),
-            issued_at: datetime!(2025-01-02 03:04:05.123 UTC),
-            expires_at: datetime!(2025-01-02 03:14:05 UTC),
-            max_expires_at: datetime!(2025-01-02 11:04:05 UTC),
-            state: LeaseState::Active,
-            ended_at: None,
-            end_reason: None,
+    /// The log filter unless `EPHEMERA_LOG` says otherwise. `dev` prints its
+    /// own progress and instructions, so its log is kept quiet.
+    pub fn default_log_level(&self) -> &'static str {
+        if matches!(self, Command::Dev { .. }) {
+            "warn,deadpool=error"
+        } else {
+            "info"
         }
     }
+}
 
-    fn credentials(password: &str) -> Credentials {
-        Credentials {
-            lease_id: ID.parse().unwrap(),
-            username: "eph_report_ro_x1y2".into(),
-            password: password.into(),
-            host: "db.example.org".into(),
-            port: 5432,
-            database: "reports".into(),
-            // A non-UTC offset: shown in UTC.
-            expires_at: datetime!(2025-01-02 05:00:00 +02:00),
+/// Carry out `command`; returns the process' exit code.
+pub fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Dev {
+            dir,
+            listen,
+            admin_listen,
+            upstream,
+        } => report(
+            "ephemera dev",
+            serve::dev(ephemera::dev::DevOptions {
+                dir,
+                listen,
+                admin_listen,
+                upstream,
+            }),
+        ),
+        Command::Serve { config } => report("ephemera", serve::serve(config)),
+        Command::CheckConfig { path, connect } => serve::check_config(&path, connect),
+        Command::Leases { admin, command } => run_client(leases::leases(admin, command)),
+        Command::Revoke { admin, select } => run_client(leases::revoke(admin, select)),
+        Command::Creds { admin, creds } => run_client(leases::creds(admin, creds)),
+        Command::Exec {
+            admin,
+            template,
+            sslmode,
+            sslrootcert,
+            command,
+        } => exec::main(admin, template, sslmode, sslrootcert, command),
+    }
+}
+
+/// Run an admin API client command on a small runtime.
+fn run_client(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(command));
+    report("ephemera", result)
+}
+
+/// Success, or the error and its causes on stderr after `prefix`.
+fn report(prefix: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{prefix}: {error:#}");
+            ExitCode::FAILURE
         }
-    }
-
-    // ----- argument parsing -------------------------------------------------------
-
-    #[test]
-    fn the_clap_definitions_are_consistent() {
-        TestCli::command().debug_assert();
-    }
-
-    #[test]
-    fn revoke_needs_exactly_one_selector() {
-        let TestCommand::Revoke { select, .. } = parse(&[
-            "revoke",
-            "--identity-prefix",
-            "spiffe://example.org/ns/staging/",
-        ])
-        .unwrap() else {
-            panic!("not revoke");
-        };
-        assert_eq!(
-            RevokeRequest::from(select),
-            RevokeRequest {
-                identity_prefix: Some("spiffe://example.org/ns/staging/".into()),
-                ..RevokeRequest::default()
-            }
-        );
-
-        let none = parse(&["revoke"]).unwrap_err();
-        assert_eq!(none.kind(), clap::error::ErrorKind::MissingRequiredArgument);
-        let two = parse(&["revoke", "--identity", "a", "--template", "b"]).unwrap_err();
-        assert_eq!(two.kind(), clap::error::ErrorKind::ArgumentConflict);
-    }
-
-    #[test]
-    fn leases_subcommands_parse() {
-        let TestCommand::Leases { admin, command } = parse(&[
-            "leases",
-            "--cert",
-            "svid.pem",
-            "list",
-            "--identity",
-            "spiffe://example.org/ns/prod/sa/api",
-            "--state",
-            "revoked",
-            // Admin options are global: accepted after the subcommand too.
-            "--json",
-            "--ca",
-            "ca.pem",
-        ])
-        .unwrap() else {
-            panic!("not leases");
-        };
-        assert!(admin.json);
-        assert_eq!(admin.cert, Some(PathBuf::from("svid.pem")));
-        assert_eq!(admin.ca, Some(PathBuf::from("ca.pem")));
-        assert!(matches!(
-            command,
-            LeasesCommand::List {
-                identity: Some(_),
-                template: None,
-                state: Some(StateArg::Revoked)
-            }
-        ));
-
-        let TestCommand::Leases { command, .. } =
-            parse(&["leases", "renew", ID, "--ttl", "1h 30m"]).unwrap()
-        else {
-            panic!("not leases");
-        };
-        assert!(matches!(
-            command,
-            LeasesCommand::Renew { ttl: Some(ttl), .. } if ttl == Duration::from_secs(5400)
-        ));
-
-        assert!(parse(&["leases", "show", "not-a-uuid"]).is_err());
-        assert!(parse(&["leases", "renew", ID, "--ttl", "soon"]).is_err());
-        assert!(matches!(
-            parse(&["creds", "report_ro"]).unwrap(),
-            TestCommand::Creds { creds, .. } if creds.template == "report_ro"
-        ));
-    }
-
-    #[test]
-    fn missing_files_are_all_named() {
-        let args = AdminArgs {
-            admin: "https://127.0.0.1:8443".into(),
-            cert: Some("svid.pem".into()),
-            key: None,
-            ca: None,
-            json: false,
-        };
-        let error = args.client().unwrap_err().to_string();
-        assert!(!error.contains("--cert"), "{error}");
-        assert!(error.contains("--key PATH (or EPHEMERA_KEY)"), "{error}");
-        assert!(error.contains("--ca PATH (or EPHEMERA_CA)"), "{error}");
-    }
-
-    // ----- formatting ----------------------------------------------------------------
-
-    #[test]
-    fn tables_are_aligned_without_trailing_spaces() {
-        let table = format_table(
-            &["A", "LONG HEADER", "C"],
-            &[
-                vec!["wide cell".into(), "x".into(), "".into()],
-                vec!["é".into(), "y".into(), "last".into()],
-            ],
-        );
-        assert_eq!(
-            table,
-            "A          LONG HEADER  C\n\
-             wide cell  x\n\
-             é          y            last\n"
-        );
-    }
-
-    #[test]
-    fn lease_table() {
-        let leases = [
-            lease(
-                "spiffe://example.org/ns/prod/sa/api",
-                "eph_billing_rw_a1b2c3",
-            ),
-            lease(
-                "spiffe://example.org/ns/prod/sa/batch-job",
-                "eph_billing_rw_d4",
-            ),
-        ];
-        let id = ID;
-        assert_eq!(
-            format_lease_table(&leases),
-            format!(
-                "ID                                    STATE   TEMPLATE    ROLE                   IDENTITY                                   EXPIRES\n\
-                 {id}  active  billing_rw  eph_billing_rw_a1b2c3  spiffe://example.org/ns/prod/sa/api        2025-01-02T03:14:05Z\n\
-                 {id}  active  billing_rw  eph_billing_rw_d4      spiffe://example.org/ns/prod/sa/batch-job  2025-01-02T03:14:05Z\n"
-            )
-        );
-        assert_eq!(format_lease_table(&[]), "no leases\n");
-    }
-
-    #[test]
-    fn lease_details() {
-        let mut ended = lease(
-            "spiffe://example.org/ns/prod/sa/api",
-            "eph_billing_rw_a1b2c3",
-        );
-        ended.state = LeaseState::Revoked;
-        ended.ended_at = Some(datetime!(2025-01-02 03:10:00 UTC));
-        ended.end_reason = Some("revoked by spiffe://example.org/ns/ops/sa/admin".into());
-        ended.client_addr = None;
-        assert_eq!(
-            format_lease_details(&ended),
-            format!(
-                "id:              {ID}\n\
-                 state:           revoked\n\
-                 kind:            session\n\
-                 engine:          postgres\n\
-                 template:        billing_rw\n\
-                 role:            eph_billing_rw_a1b2c3\n\
-                 identity:        spiffe://example.org/ns/prod/sa/api\n\
-                 database:        billing\n\
-                 client_addr:     -\n\
-                 issued_at:       2025-01-02T03:04:05Z\n\
-                 expires_at:      2025-01-02T03:14:05Z\n\
-                 max_expires_at:  2025-01-02T11:04:05Z\n\
-                 ended_at:        2025-01-02T03:10:00Z\n\
-                 end_reason:      revoked by spiffe://example.org/ns/ops/sa/admin\n"
-            )
-        );
-    }
-
-    #[test]
-    fn revoked_count() {
-        assert_eq!(
-            format_revoked(&RevokeResponse { revoked: 3 }),
-            "revoked 3 lease(s)\n"
-        );
-    }
-
-    #[test]
-    fn credentials_with_a_psql_hint() {
-        assert_eq!(
-            format_credentials(&credentials("s3cr3t-Pa55")),
-            format!(
-                "lease_id:    {ID}\n\
-                 username:    eph_report_ro_x1y2\n\
-                 password:    s3cr3t-Pa55\n\
-                 host:        db.example.org\n\
-                 port:        5432\n\
-                 database:    reports\n\
-                 expires_at:  2025-01-02T03:00:00Z\n\
-                 \n\
-                 connect with:\n  \
-                 PGPASSWORD='s3cr3t-Pa55' psql 'host=db.example.org port=5432 dbname=reports user=eph_report_ro_x1y2'\n"
-            )
-        );
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(libpq_quote("billing"), "billing");
-        assert_eq!(libpq_quote(""), "''");
-        assert_eq!(libpq_quote("my db"), "'my db'");
-        assert_eq!(libpq_quote(r"it's a\b"), r"'it\'s a\\b'");
-        assert_eq!(shell_quote("a'b $x"), r"'a'\''b $x'");
-
-        let mut odd = credentials("p'w $(x)");
-        odd.database = "my db".into();
-        assert_eq!(
-            psql_command(&odd),
-            r"PGPASSWORD='p'\''w $(x)' psql 'host=db.example.org port=5432 dbname='\''my db'\'' user=eph_report_ro_x1y2'"
-        );
-    }
-
-    #[test]
-    fn json_output_is_the_api_serialisation() {
-        let creds = credentials("pw");
-        let text = to_json(&creds).unwrap();
-        assert!(text.ends_with('\n'));
-        let back: Credentials = serde_json::from_str(&text).unwrap();
-        assert_eq!(back, creds);
-        assert_eq!(
-            serde_json::from_str::<serde_json::Value>(&text).unwrap(),
-            serde_json::to_value(&creds).unwrap()
-        );
     }
 }
