@@ -98,7 +98,10 @@ fn no_function_is_over_100_lines() {
         let text = std::fs::read_to_string(&path).unwrap();
         for (line, signature, length) in functions(&text) {
             if length >= MAX_FUNCTION_LINES {
-                long.push(format!("{}:{line} {signature} ({length} lines)", relative(&path)));
+                long.push(format!(
+                    "{}:{line} {signature} ({length} lines)",
+                    relative(&path)
+                ));
             }
         }
     }
@@ -128,7 +131,10 @@ fn module_of(path: &Path) -> String {
         .iter()
         .map(|p| p.to_string_lossy().into_owned())
         .collect();
-    if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
         parts.pop();
     }
     parts.join("::")
@@ -159,7 +165,11 @@ fn expand(tree: &str) -> Vec<String> {
     items
         .into_iter()
         .filter(|item| !item.is_empty())
-        .flat_map(|item| expand(item).into_iter().map(move |p| format!("{prefix}{p}")))
+        .flat_map(|item| {
+            expand(item)
+                .into_iter()
+                .map(move |p| format!("{prefix}{p}"))
+        })
         .collect()
 }
 
@@ -181,7 +191,11 @@ fn references(text: &str, module: &str, is_mod_file: bool) -> Vec<String> {
         }
     };
     let mut paths = Vec::new();
-    let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+    let code: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
     for statement in code.split(';') {
         let Some(at) = statement.find("use ") else {
             continue;

@@ -32,8 +32,11 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const UNTRUSTED_MAX_CHARS: usize = 64;
 
 /// A client that got through the front door.
+/// The client's connection once TLS is up.
+pub type ClientStream = TlsStream<TcpStream>;
+
 pub struct Admitted {
-    pub stream: TlsStream<TcpStream>,
+    pub stream: ClientStream,
     pub startup: StartupRequest,
     pub svid: VerifiedSvid,
 }

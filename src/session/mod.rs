@@ -19,11 +19,14 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::{Rules, TemplateSettings};
+use crate::identity::SpiffeId;
 use crate::leases::{EndReason, SessionLease};
 use crate::ops::audit::AuditEvent;
 use crate::policy::Decision;
-use crate::session::front_door::{refuse, refuse_and_audit, Admitted};
-use crate::session::protocol::{authentication_ok, backend_key_data, negotiate_protocol_version};
+use crate::session::front_door::{refuse, refuse_and_audit, Admitted, ClientStream};
+use crate::session::protocol::{
+    authentication_ok, backend_key_data, negotiate_protocol_version, CancelKey, StartupRequest,
+};
 use crate::session::refusal::Refusal;
 use crate::session::services::Services;
 
@@ -42,6 +45,8 @@ struct Request {
     minor_version: u16,
 }
 
+/// One admitted client's session, step by step. Each step either hands the
+/// next one what it needs or says why the client is turned away.
 pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) {
     let Admitted {
         mut stream,
@@ -56,93 +61,26 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
         };
         return refuse(stream, refusal, peer).await;
     };
-
-    let requested_template = startup.parameters.get("user").cloned();
-    let request = match decide(&services.rules(), &identity, startup) {
+    let request = match allow(&services, &identity, startup) {
         Ok(request) => request,
-        Err(refusal) => {
+        Err((refusal, template)) => {
             let who = Some(identity.to_string());
-            return refuse_and_audit(&services, stream, refusal, peer, who, requested_template)
-                .await;
+            return refuse_and_audit(&services, stream, refusal, peer, who, template).await;
         }
     };
-
-    if !services.issue_limiter.try_take(identity.as_str()) {
-        let refusal = Refusal::RateLimited {
-            identity: identity.clone(),
-            rate: services.issue_limiter.rate(),
-            burst: services.issue_limiter.burst(),
-        };
-        let who = Some(identity.to_string());
-        return refuse_and_audit(
-            &services,
-            stream,
-            refusal,
-            peer,
-            who,
-            Some(request.template),
-        )
-        .await;
-    }
-
-    let mut lease = match services
-        .leases
-        .issue_session(
-            &identity,
-            &request.template,
-            &request.settings,
-            peer,
-            Some(svid.not_after),
-        )
-        .await
-    {
+    let mut lease = match mint(&services, &identity, &request, peer, svid.not_after).await {
         Ok(lease) => lease,
-        Err(source) => {
-            services.leases.audit().record(AuditEvent::issue_failed(
-                identity.to_string(),
-                request.template.clone(),
-                peer,
-                source.to_string(),
-            ));
-            let upstream = services.upstream.address();
-            return refuse(stream, Refusal::Mint { upstream, source }, peer).await;
-        }
+        Err(refusal) => return refuse(stream, refusal, peer).await,
     };
-
-    let mut session = match upstream::login(
-        &services.upstream,
-        &lease.lease().role,
-        &request.database,
-        &request.forwarded,
-        lease.login(),
-    )
-    .await
-    {
+    let mut session = match log_in(&services, &mut lease, &request).await {
         Ok(session) => session,
-        Err(e) => {
-            lease.set_end_reason(EndReason::LoginFailed);
-            return refuse(stream, Refusal::Upstream(e), peer).await;
-        }
+        Err(refusal) => return refuse(stream, refusal, peer).await,
     };
-
-    // A session can change its role's password; with the login window closed
-    // now, that password opens nothing (SECURITY.md, finding 3).
-    if let Err(source) = services.leases.close_login(lease.lease()).await {
-        lease.set_end_reason(EndReason::LoginFailed);
-        let upstream = services.upstream.address();
-        return refuse(stream, Refusal::Mint { upstream, source }, peer).await;
-    }
-
     let cancel = services.cancels.register(session.backend_key);
-    let mut hello = BytesMut::with_capacity(session.greeting.len() + 64);
-    if request.minor_version != 0 || !request.unsupported_options.is_empty() {
-        hello.extend_from_slice(&negotiate_protocol_version(request.unsupported_options));
-    }
-    hello.extend_from_slice(&authentication_ok());
-    hello.extend_from_slice(&session.greeting);
-    hello.extend_from_slice(&backend_key_data(cancel.client_key()));
-    hello.extend_from_slice(&session.ready_for_query);
-    if stream.write_all(&hello).await.is_err() {
+    if greet(&mut stream, &session, &request, cancel.client_key())
+        .await
+        .is_err()
+    {
         return;
     }
 
@@ -163,6 +101,106 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
     }
     drop(cancel);
     drop(lease);
+}
+
+/// The policy and the identity's issue rate: may this session have a
+/// credential? A refusal comes with the template asked for, for the audit.
+fn allow(
+    services: &Services,
+    identity: &SpiffeId,
+    startup: StartupRequest,
+) -> Result<Request, (Refusal, Option<String>)> {
+    let requested_template = startup.parameters.get("user").cloned();
+    let request =
+        decide(&services.rules(), identity, startup).map_err(|r| (r, requested_template))?;
+    if !services.issue_limiter.try_take(identity.as_str()) {
+        let refusal = Refusal::RateLimited {
+            identity: identity.clone(),
+            rate: services.issue_limiter.rate(),
+            burst: services.issue_limiter.burst(),
+        };
+        return Err((refusal, Some(request.template)));
+    }
+    Ok(request)
+}
+
+/// Have the engine make the session's credential (its lease).
+async fn mint(
+    services: &Arc<Services>,
+    identity: &SpiffeId,
+    request: &Request,
+    peer: SocketAddr,
+    svid_not_after: time::OffsetDateTime,
+) -> Result<SessionLease, Refusal> {
+    let issued = services
+        .leases
+        .issue_session(
+            identity,
+            &request.template,
+            &request.settings,
+            peer,
+            Some(svid_not_after),
+        )
+        .await;
+    issued.map_err(|source| {
+        services.leases.audit().record(AuditEvent::issue_failed(
+            identity.to_string(),
+            request.template.clone(),
+            peer,
+            source.to_string(),
+        ));
+        let upstream = services.upstream.address();
+        Refusal::Mint { upstream, source }
+    })
+}
+
+/// Log in upstream as the credential, then close its login window: a
+/// session can change its role's password, and with the window closed that
+/// password opens nothing (SECURITY.md, finding 3).
+async fn log_in(
+    services: &Services,
+    lease: &mut SessionLease,
+    request: &Request,
+) -> Result<upstream::UpstreamSession, Refusal> {
+    let session = upstream::login(
+        &services.upstream,
+        &lease.lease().role,
+        &request.database,
+        &request.forwarded,
+        lease.login(),
+    )
+    .await
+    .map_err(|e| {
+        lease.set_end_reason(EndReason::LoginFailed);
+        Refusal::Upstream(e)
+    })?;
+    if let Err(source) = services.leases.close_login(lease.lease()).await {
+        lease.set_end_reason(EndReason::LoginFailed);
+        let upstream = services.upstream.address();
+        return Err(Refusal::Mint { upstream, source });
+    }
+    Ok(session)
+}
+
+/// Tell the client it is in: what PostgreSQL said at login, with our own
+/// cancel key in place of the backend's.
+async fn greet(
+    stream: &mut ClientStream,
+    session: &upstream::UpstreamSession,
+    request: &Request,
+    cancel_key: CancelKey,
+) -> std::io::Result<()> {
+    let mut hello = BytesMut::with_capacity(session.greeting.len() + 64);
+    if request.minor_version != 0 || !request.unsupported_options.is_empty() {
+        hello.extend_from_slice(&negotiate_protocol_version(
+            request.unsupported_options.clone(),
+        ));
+    }
+    hello.extend_from_slice(&authentication_ok());
+    hello.extend_from_slice(&session.greeting);
+    hello.extend_from_slice(&backend_key_data(cancel_key));
+    hello.extend_from_slice(&session.ready_for_query);
+    stream.write_all(&hello).await
 }
 
 /// Counts a relayed session in `ephemera_sessions_active` while it lives.
@@ -190,11 +228,7 @@ fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {
 }
 
 /// Apply the policy to what the startup packet asks for.
-fn decide(
-    rules: &Rules,
-    identity: &crate::identity::SpiffeId,
-    startup: crate::session::protocol::StartupRequest,
-) -> Result<Request, Refusal> {
+fn decide(rules: &Rules, identity: &SpiffeId, startup: StartupRequest) -> Result<Request, Refusal> {
     let mut parameters = startup.parameters;
     if let Some(replication) = parameters.get("replication") {
         if !matches!(replication.as_str(), "false" | "off" | "no" | "0") {
