@@ -1,5 +1,7 @@
 //! The `ephemera` command. Errors become `anyhow` here and nowhere else.
 
+#![forbid(unsafe_code)]
+
 mod cli;
 
 use std::path::PathBuf;
