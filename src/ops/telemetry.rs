@@ -54,8 +54,14 @@ pub fn prometheus() -> PrometheusHandle {
                 .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (an embedding
-            // program's); then ours only renders what it saw, which is nothing.
-            let _ = metrics::set_global_recorder(recorder);
+            // program's); then ours only renders what it saw, which is
+            // nothing. Said once: this runs once per process.
+            if let Err(error) = metrics::set_global_recorder(recorder) {
+                tracing::warn!(
+                    %error,
+                    "cannot install Ephemera's metrics recorder; /metrics will show no metrics (they go to the recorder already installed)"
+                );
+            }
             describe();
             handle
         })
