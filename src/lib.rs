@@ -22,7 +22,7 @@
 //!
 //! [`server`] builds the shared state and runs the listeners.
 
-// FORBID_UNSAFE_PLACEHOLDER
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;

@@ -2,6 +2,8 @@
 //! logging, and run the command. Every command is defined and carried out in
 //! `cli`; errors become `anyhow` there, in the binary, and nowhere else.
 
+#![forbid(unsafe_code)]
+
 mod cli;
 
 use std::process::ExitCode;

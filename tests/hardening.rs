@@ -1,7 +1,7 @@
 //! The `ephemera serve` process holds the admin password and every
 //! session's SCRAM keys: it writes no core file. (That it is also not
 //! dumpable is checked by the unit test of `ephemera::ops::hardening`, in a
-//! forked child: from outside, as root, a non-dumpable process looks the
+//! child process: from outside, as root, a non-dumpable process looks the
 //! same.)
 
 mod common;

@@ -325,12 +325,14 @@ fn forward(child: &tokio::process::Child, signal: i32) {
     let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) else {
         return;
     };
-    // SAFETY: kill(2) only reads its two integer arguments. The child is not
-    // reaped until `wait` returns, so `pid` is still the child's.
-    if unsafe { libc::kill(pid, signal) } != 0 {
+    // The child is not reaped until `wait` returns, so `pid` is still the
+    // child's.
+    let sent = nix::sys::signal::Signal::try_from(signal)
+        .and_then(|signal| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal));
+    if let Err(errno) = sent {
         eprintln!(
             "ephemera exec: cannot pass signal {signal} on to the command: {}",
-            std::io::Error::last_os_error()
+            std::io::Error::from(errno)
         );
     }
 }

@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{Pid, Uid, User};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("no PostgreSQL server binaries found (looked at `pg_config --bindir` and /usr/lib/postgresql/*/bin); install them, e.g. `apt-get install postgresql`, or use --upstream URL")]
@@ -46,21 +49,22 @@ pub struct ServerUser {
 }
 
 /// `postgres` when we are root, else nobody in particular (ourselves).
+///
+/// `getpwnam_r` through nix, not `getpwnam`: the latter returns static
+/// storage that another thread of the runtime could overwrite under us.
 pub fn server_user() -> Result<Option<ServerUser>, ClusterError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !Uid::effective().is_root() {
         return Ok(None);
     }
-    let name = std::ffi::CString::new("postgres").expect("no NUL");
-    // SAFETY: getpwnam returns a pointer to static storage or NULL; we copy
-    // the two integers out at once, before any other call could reuse it.
-    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
-    if entry.is_null() {
-        return Err(ClusterError::NoServerUser);
-    }
-    // SAFETY: checked non-null above.
-    let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
-    Ok(Some(ServerUser { uid, gid }))
+    let entry = User::from_name("postgres").map_err(|errno| ClusterError::Command {
+        what: "looking up the `postgres` system user".into(),
+        detail: errno.desc().into(),
+    })?;
+    let entry = entry.ok_or(ClusterError::NoServerUser)?;
+    Ok(Some(ServerUser {
+        uid: entry.uid.as_raw(),
+        gid: entry.gid.as_raw(),
+    }))
 }
 
 /// The directory with `initdb` and `postgres`: `pg_config --bindir` if it
@@ -206,8 +210,8 @@ impl LocalCluster {
         else {
             return;
         };
-        // SAFETY: signal 0 only checks that the process exists.
-        if unsafe { libc::kill(pid, 0) } == 0 {
+        // No signal: only checks that the process exists.
+        if kill(Pid::from_raw(pid), None).is_ok() {
             let _ = command(&self.bin_dir.join("pg_ctl"), self.user)
                 .arg("stop")
                 .arg("-D")
@@ -270,9 +274,9 @@ impl Running {
     /// Fast shutdown (SIGINT): roll back, disconnect, stop. Escalates to an
     /// immediate shutdown if it takes longer than `timeout`.
     pub fn stop(mut self, timeout: Duration) {
-        let pid = self.child.id() as i32;
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(pid, libc::SIGINT) };
+        // Our own child, not reaped before `wait` below: the pid is its.
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGINT);
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -280,8 +284,7 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGQUIT) };
+        let _ = kill(pid, Signal::SIGQUIT);
         let _ = self.child.wait();
     }
 }

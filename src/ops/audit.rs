@@ -1,5 +1,12 @@
 //! The audit log: one JSON object per line, written and flushed per event.
 //!
+//! Events are written by a thread of their own, so a slow or stuck disk never
+//! blocks a runtime thread: [`AuditLog::record`] hands the line to a bounded
+//! queue and returns. A line that cannot be written, or finds the queue full,
+//! is counted (`ephemera_audit_write_failures_total`, and, when it was never
+//! handed to the writer, `ephemera_audit_events_dropped_total`) and logged at
+//! ERROR with the whole event, so it is never lost silently.
+//!
 //! Events: `lease_issued`, `issue_failed`, `login`, `renewed`, `denied`,
 //! `revoked`, `expired`, `reaped`, `revoke_failed`, and, when a revocation had
 //! to undo something a session left behind, `object_neutralised`,
@@ -12,7 +19,9 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ephemera_engine::{Lease, LeaseId};
 use serde::Serialize;
@@ -186,11 +195,27 @@ impl AuditEvent {
     }
 }
 
+/// Lines waiting for the writer thread; past that, events are dropped
+/// (counted and logged) rather than blocking the caller.
+const QUEUE_CAPACITY: usize = 4096;
+
+/// How long dropping the log waits for the writer to write what is queued.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where audit events go: a JSON-lines file (if configured) and the process
 /// log (always, at info level, target `ephemera::ops::audit`).
 #[derive(Debug)]
 pub struct AuditLog {
-    file: Option<(PathBuf, Mutex<File>)>,
+    file: Option<Writer>,
+}
+
+/// The file's writer thread and the queue to it.
+#[derive(Debug)]
+struct Writer {
+    path: PathBuf,
+    /// `None` only while dropping, to close the queue.
+    queue: Option<SyncSender<String>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl AuditLog {
@@ -207,21 +232,145 @@ impl AuditLog {
             .append(true)
             .mode(0o600)
             .open(path)?;
+        let (queue, lines) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let thread_path = path.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("ephemera-audit".into())
+            .spawn(move || write_lines(&thread_path, file, lines))?;
         Ok(AuditLog {
-            file: Some((path.to_owned(), Mutex::new(file))),
+            file: Some(Writer {
+                path: path.to_owned(),
+                queue: Some(queue),
+                thread: Some(thread),
+            }),
         })
     }
 
     pub fn record(&self, event: AuditEvent) {
-        let line = serde_json::to_string(&event).expect("audit events always serialise");
-        tracing::info!(target: "ephemera::ops::audit", "{line}");
-        if let Some((path, file)) = &self.file {
-            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
-            // One write per line: O_APPEND keeps lines whole; no buffering,
-            // so a crash loses nothing already recorded.
-            if let Err(error) = file.write_all(format!("{line}\n").as_bytes()) {
-                tracing::error!(path = %path.display(), %error, "cannot write the audit log");
+        let line = match serde_json::to_string(&event) {
+            Ok(line) => line,
+            Err(error) => {
+                // Not expected (the fields are strings, numbers and a
+                // timestamp); if it happens, the event still reaches the log.
+                metrics::counter!(crate::ops::telemetry::AUDIT_WRITE_FAILURES).increment(1);
+                tracing::error!(target: "ephemera::ops::audit", ?event, %error, "cannot serialise an audit event");
+                return;
             }
+        };
+        tracing::info!(target: "ephemera::ops::audit", "{line}");
+        let Some(writer) = &self.file else {
+            return;
+        };
+        let Some(queue) = &writer.queue else {
+            return;
+        };
+        let (why, line) = match queue.try_send(line) {
+            Ok(()) => return,
+            Err(TrySendError::Full(line)) => ("the audit log's queue is full", line),
+            Err(TrySendError::Disconnected(line)) => ("the audit log's writer has stopped", line),
+        };
+        metrics::counter!(crate::ops::telemetry::AUDIT_WRITE_FAILURES).increment(1);
+        metrics::counter!(crate::ops::telemetry::AUDIT_EVENTS_DROPPED).increment(1);
+        tracing::error!(
+            target: "ephemera::ops::audit",
+            path = %writer.path.display(),
+            event = %line,
+            "{why}: event not written to the audit file"
+        );
+    }
+}
+
+/// The writer thread: one write per line (O_APPEND keeps lines whole), each
+/// flushed before the next is taken, until the queue is closed and empty.
+fn write_lines(path: &Path, mut file: File, lines: Receiver<String>) {
+    for mut line in lines {
+        line.push('\n');
+        if let Err(error) = file.write_all(line.as_bytes()).and_then(|()| file.flush()) {
+            metrics::counter!(crate::ops::telemetry::AUDIT_WRITE_FAILURES).increment(1);
+            tracing::error!(
+                target: "ephemera::ops::audit",
+                path = %path.display(),
+                %error,
+                event = %line.trim_end(),
+                "cannot write the audit log"
+            );
+        }
+    }
+}
+
+impl Drop for Writer {
+    /// Close the queue and give the writer a bounded time to write what is
+    /// in it, so events recorded just before shutdown reach the file.
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !thread.is_finished() {
+            if Instant::now() >= deadline {
+                tracing::error!(
+                    path = %self.path.display(),
+                    "the audit log's writer did not finish within {DRAIN_TIMEOUT:?}; events still queued may not be in the file (they are in the process log)"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if thread.join().is_err() {
+            tracing::error!(path = %self.path.display(), "the audit log's writer panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn denied(n: usize) -> AuditEvent {
+        AuditEvent::denied(
+            None,
+            None,
+            "192.0.2.1:5432".parse().expect("an address"),
+            format!("test {n}"),
+        )
+    }
+
+    #[test]
+    fn an_event_reaches_the_file_without_waiting_for_shutdown() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).expect("open");
+        log.record(denied(0));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&path).expect("read");
+            if text.lines().count() == 1 {
+                assert!(text.contains("\"reason\":\"test 0\""), "{text}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "not written: {text:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(log);
+    }
+
+    #[test]
+    fn events_recorded_just_before_the_log_is_dropped_are_written() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).expect("open");
+        for n in 0..1000 {
+            log.record(denied(n));
+        }
+        drop(log);
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1000);
+        for (n, line) in lines.iter().enumerate() {
+            let event: serde_json::Value =
+                serde_json::from_str(line).expect("one JSON object a line");
+            assert_eq!(event["reason"], format!("test {n}"), "in order");
         }
     }
 }

@@ -6,6 +6,9 @@
 
 use std::io;
 
+use nix::sys::prctl;
+use nix::sys::resource::{setrlimit, Resource};
+
 /// Make the process not dumpable (`prctl(PR_SET_DUMPABLE, 0)`: no core
 /// file, no ptrace or `/proc/<pid>/mem` access for other processes of the
 /// same user, `/proc/<pid>` owned by root) and set the core file size limit
@@ -13,19 +16,9 @@ use std::io;
 /// secret is read. Children started later get their own dumpable flag back
 /// at `execve`, but inherit the core limit.
 pub fn forbid_core_dumps() -> io::Result<()> {
-    let no_core = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit reads the struct we pass; lowering a limit needs no
-    // privilege.
-    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: PR_SET_DUMPABLE takes one integer argument; the rest are unused.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // Lowering a limit needs no privilege.
+    setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+    prctl::set_dumpable(false)?;
     Ok(())
 }
 
@@ -33,47 +26,47 @@ pub fn forbid_core_dumps() -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// In a forked child (the effect is process-wide and irreversible):
-    /// afterwards PR_GET_DUMPABLE is 0 and RLIMIT_CORE is 0/0. The child
-    /// only makes system calls between fork and _exit.
+    /// Set in the child process the test runs its checks in.
+    const CHILD: &str = "EPHEMERA_HARDENING_TEST_CHILD";
+    /// What the child prints once every check passed, so that a filter
+    /// matching no test (the child running nothing) cannot pass.
+    const CHECKED: &str = "hardening checks passed in the child";
+
+    /// In a child process (the effect is process-wide and irreversible):
+    /// this test binary again, running only this test with CHILD set.
+    /// Afterwards PR_GET_DUMPABLE is 0 and RLIMIT_CORE is 0/0.
     #[test]
     fn the_process_is_not_dumpable_and_writes_no_core_file() {
-        // SAFETY: the child calls only async-signal-safe functions
-        // (setrlimit, prctl, getrlimit, _exit) and allocates nothing.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
-        if pid == 0 {
-            let code = unsafe {
-                if forbid_core_dumps().is_err() {
-                    1
-                } else if libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 {
-                    2
-                } else {
-                    let mut limit = libc::rlimit {
-                        rlim_cur: 1,
-                        rlim_max: 1,
-                    };
-                    if libc::getrlimit(libc::RLIMIT_CORE, &mut limit) != 0
-                        || limit.rlim_cur != 0
-                        || limit.rlim_max != 0
-                    {
-                        3
-                    } else {
-                        0
-                    }
-                }
-            };
-            unsafe { libc::_exit(code) };
+        if std::env::var_os(CHILD).is_some() {
+            forbid_core_dumps().expect("forbid_core_dumps");
+            assert!(
+                !prctl::get_dumpable().expect("PR_GET_DUMPABLE"),
+                "still dumpable"
+            );
+            assert_eq!(
+                nix::sys::resource::getrlimit(Resource::RLIMIT_CORE).expect("getrlimit"),
+                (0, 0),
+                "RLIMIT_CORE (soft, hard)"
+            );
+            println!("{CHECKED}");
+            return;
         }
-        let mut status = 0;
-        // SAFETY: waiting for the child forked above.
-        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert_eq!(waited, pid);
-        assert!(libc::WIFEXITED(status), "the child exited: {status}");
-        let code = libc::WEXITSTATUS(status);
-        assert_eq!(
-            code, 0,
-            "1: forbid_core_dumps failed, 2: still dumpable, 3: RLIMIT_CORE not 0"
+        // libtest names tests by their path without the crate's name.
+        let module = module_path!()
+            .split_once("::")
+            .map_or(module_path!(), |(_, rest)| rest);
+        let name = format!("{module}::the_process_is_not_dumpable_and_writes_no_core_file");
+        let output = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+            .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .expect("running the child");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stdout.contains(CHECKED),
+            "the child's checks failed ({}):\n{stdout}\n{stderr}",
+            output.status
         );
     }
 }

@@ -13,6 +13,8 @@
 //! | `ephemera_reaper_lag_seconds` | gauge | (how far past expiry the oldest expired role was at the last scan) |
 //! | `ephemera_revocations_pending` | gauge | |
 //! | `ephemera_revoke_failures_total` | counter | template |
+//! | `ephemera_audit_write_failures_total` | counter | |
+//! | `ephemera_audit_events_dropped_total` | counter | |
 
 use std::sync::OnceLock;
 
@@ -33,6 +35,8 @@ pub const REAPER_ELECTION_SQUATTED: &str = "ephemera_reaper_election_squatted_to
 pub const REVOKE_CLEANUPS: &str = "ephemera_revoke_cleanups_total";
 pub const BACKGROUND_TASK_FAILURES: &str = "ephemera_background_task_failures_total";
 pub const REFUSAL_EVENTS_SUPPRESSED: &str = "ephemera_refusal_events_suppressed_total";
+pub const AUDIT_WRITE_FAILURES: &str = "ephemera_audit_write_failures_total";
+pub const AUDIT_EVENTS_DROPPED: &str = "ephemera_audit_events_dropped_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -50,8 +54,14 @@ pub fn prometheus() -> PrometheusHandle {
                 .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (an embedding
-            // program's); then ours only renders what it saw, which is nothing.
-            let _ = metrics::set_global_recorder(recorder);
+            // program's); then ours only renders what it saw, which is
+            // nothing. Said once: this runs once per process.
+            if let Err(error) = metrics::set_global_recorder(recorder) {
+                tracing::warn!(
+                    %error,
+                    "cannot install Ephemera's metrics recorder; /metrics will show no metrics (they go to the recorder already installed)"
+                );
+            }
             describe();
             handle
         })
@@ -103,5 +113,13 @@ fn describe() {
     metrics::describe_counter!(
         REFUSAL_EVENTS_SUPPRESSED,
         "Refusal audit events not written because the peer exceeded its event rate"
+    );
+    metrics::describe_counter!(
+        AUDIT_WRITE_FAILURES,
+        "Audit events that did not reach the audit file (write failed, queue full or writer stopped); each is logged at ERROR instead"
+    );
+    metrics::describe_counter!(
+        AUDIT_EVENTS_DROPPED,
+        "Audit events never handed to the audit file's writer (queue full or writer stopped); each is logged at ERROR instead"
     );
 }

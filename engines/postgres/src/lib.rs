@@ -13,6 +13,8 @@
 //!
 //! All SQL text is built with [`sql::quote_ident`] / [`sql::quote_literal`].
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 mod create;
 pub mod election;
