@@ -22,7 +22,7 @@ mod clock;
 mod reaper;
 mod revoke;
 mod session_lease;
-mod view;
+pub mod view;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -38,8 +38,7 @@ use time::OffsetDateTime;
 use tokio_util::task::TaskTracker;
 
 pub use self::session_lease::SessionLease;
-use self::view::view;
-use crate::admin::api::LeaseView;
+use self::view::{view, LeaseView};
 use crate::config::{Rules, TemplateSettings, MAX_DURATION};
 use crate::identity::SpiffeId;
 use crate::ops::audit::{AuditEvent, AuditKind, AuditLog};

@@ -8,9 +8,8 @@ use std::time::Duration;
 use ephemera_engine::{EngineError, Lease, LeaseId, LeaseKind, LeaseState, RevokeOutcome};
 use time::OffsetDateTime;
 
-use super::view::view;
+use super::view::{view, LeaseView, RevokeSelector};
 use super::{EndReason, Ended, LeaseError, LeaseManager};
-use crate::admin::api::{LeaseView, RevokeRequest};
 use crate::ops::audit::{AuditEvent, AuditKind};
 use crate::ops::telemetry;
 
@@ -152,50 +151,23 @@ impl LeaseManager {
         Ok(view(&lease, ended.state, Some(&ended)))
     }
 
-    /// Revoke every active lease (here and in the ledger) matching exactly
-    /// one selector; returns how many were revoked.
+    /// Revoke every active lease (here and in the ledger) that `selector`
+    /// matches; returns how many were revoked.
     pub async fn revoke_matching(
         &self,
-        selector: &RevokeRequest,
+        selector: &RevokeSelector,
         actor: &str,
     ) -> Result<usize, LeaseError> {
-        let matches: Box<dyn Fn(&Lease) -> bool + Send> = match selector {
-            RevokeRequest {
-                identity: Some(id),
-                identity_prefix: None,
-                template: None,
-            } => {
-                let id = id.clone();
-                Box::new(move |l| l.identity == id)
-            }
-            RevokeRequest {
-                identity: None,
-                identity_prefix: Some(p),
-                template: None,
-            } if !p.is_empty() => {
-                let p = p.clone();
-                Box::new(move |l| l.identity.starts_with(&p))
-            }
-            RevokeRequest {
-                identity: None,
-                identity_prefix: None,
-                template: Some(t),
-            } => {
-                let t = t.clone();
-                Box::new(move |l| l.template == t)
-            }
-            _ => return Err(LeaseError::BadSelector),
-        };
         let mut targets: HashMap<LeaseId, Lease> = self
             .engine
             .list()
             .await?
             .into_iter()
-            .filter(|l| matches(l))
+            .filter(|l| selector.matches(l))
             .map(|l| (l.id, l))
             .collect();
         for entry in self.lock().active.values() {
-            if matches(&entry.lease) {
+            if selector.matches(&entry.lease) {
                 targets.insert(entry.lease.id, entry.lease.clone());
             }
         }
