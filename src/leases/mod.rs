@@ -22,6 +22,8 @@ mod clock;
 mod reaper;
 mod revoke;
 mod session_lease;
+#[cfg(test)]
+mod tests;
 pub mod view;
 
 use std::collections::{HashMap, HashSet, VecDeque};
