@@ -21,46 +21,17 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use ephemera_engine::{LeaseId, LeaseKind, LeaseState};
+use ephemera_engine::LeaseId;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaseView {
-    pub id: LeaseId,
-    pub engine: String,
-    pub kind: LeaseKind,
-    pub template: String,
-    pub role: String,
-    pub identity: String,
-    pub database: String,
-    pub client_addr: Option<String>,
-    #[serde(with = "time::serde::rfc3339")]
-    pub issued_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    pub expires_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    pub max_expires_at: OffsetDateTime,
-    pub state: LeaseState,
-    #[serde(with = "time::serde::rfc3339::option", default)]
-    pub ended_at: Option<OffsetDateTime>,
-    /// Why it ended (`session_ended`, `revoked`, `expired`, …) and, for
-    /// revocations, by whom.
-    pub end_reason: Option<String>,
-}
+use crate::leases::view::RevokeSelector;
+/// A lease and the `GET /v1/leases` query are the lease manager's own
+/// types, served as they are.
+pub use crate::leases::view::{LeaseFilter, LeaseView};
+use crate::leases::LeaseError;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseList {
     pub leases: Vec<LeaseView>,
-}
-
-/// Query of `GET /v1/leases`; every filter is optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaseFilter {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub template: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<LeaseState>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +55,18 @@ pub struct RevokeRequest {
     pub identity_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+}
+
+impl RevokeRequest {
+    /// The lease manager's selector for this body, or
+    /// [`LeaseError::BadSelector`] unless exactly one field is given.
+    pub fn selector(&self) -> Result<RevokeSelector, LeaseError> {
+        RevokeSelector::exactly_one(
+            self.identity.as_deref(),
+            self.identity_prefix.as_deref(),
+            self.template.as_deref(),
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

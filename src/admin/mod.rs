@@ -399,12 +399,13 @@ async fn revoke_matching(
 ) -> Result<Json<RevokeResponse>, Failure> {
     let actor = admin(&shared, &caller)?.to_string();
     let body = request_body(body)?;
-    let selector: RevokeRequest = serde_json::from_slice(&body).map_err(|e| {
+    let request: RevokeRequest = serde_json::from_slice(&body).map_err(|e| {
         failure(
             StatusCode::BAD_REQUEST,
             format!("invalid body: {e}; send one of {{\"identity\": …}}, {{\"identity_prefix\": …}}, {{\"template\": …}}"),
         )
     })?;
+    let selector = request.selector()?;
     let revoked = shared
         .state
         .leases
