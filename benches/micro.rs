@@ -3,6 +3,7 @@
 //! front-door decoding and lease comment encoding.
 //!
 //! Run: `cargo bench --bench micro`
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
 
 use std::sync::Arc;
 

@@ -1,4 +1,5 @@
 //! The admin CLI against a running proxy: `ephemera revoke`, `leases`, `creds`.
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
 
 mod common;
 

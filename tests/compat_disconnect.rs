@@ -1,6 +1,7 @@
 //! Abrupt client disconnects (issue 6): a client whose socket goes away
 //! mid-COPY or mid-query leaves no role behind and does not disturb the
 //! other sessions.
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The configuration schema: the annotated example parses, and broken
 //! configurations are reported with the key path.
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
 
 use std::path::Path;
 

@@ -2,6 +2,7 @@
 //! connections are killed or its password rotated, two replicas share the
 //! reaper, and `kill -9` hits a storm of connecting sessions. Ephemera keeps
 //! serving and loses no role.
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
 
 mod common;
 

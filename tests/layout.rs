@@ -8,6 +8,7 @@
 //! * no import cycle among the modules of `src/` (file by file);
 //! * ARCHITECTURE.md and the README's layout table name every folder and
 //!   top-level file of `src/`, and nothing that does not exist.
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -284,4 +285,85 @@ fn no_import_cycle_among_src_modules() {
         visit(node, &graph, &mut Vec::new(), &mut done, &mut cycles);
     }
     assert!(cycles.is_empty(), "import cycles: {cycles:#?}");
+}
+
+/// What a document names in backticks that looks like a path under `src/`.
+fn src_paths_named(text: &str) -> BTreeSet<String> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| s.starts_with("src/"))
+        .map(|s| s.trim_end_matches(',').to_owned())
+        .collect()
+}
+
+/// Every folder (`src/x/`) and file (`src/x.rs`) directly under `src/`.
+fn src_entries() -> BTreeSet<String> {
+    std::fs::read_dir(root().join("src"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() {
+                format!("src/{name}/")
+            } else {
+                format!("src/{name}")
+            }
+        })
+        .collect()
+}
+
+fn check_document_matches_tree(text: &str, document: &str) {
+    let named = src_paths_named(text);
+    let missing: Vec<String> = src_entries()
+        .into_iter()
+        .filter(|e| !named.contains(e))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{document} does not mention {missing:?}"
+    );
+    let gone: Vec<&String> = named
+        .iter()
+        .filter(|p| !root().join(p.trim_end_matches('/')).exists())
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "{document} names what does not exist: {gone:?}"
+    );
+}
+
+#[test]
+fn architecture_md_matches_the_tree() {
+    let text = std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap();
+    check_document_matches_tree(&text, "ARCHITECTURE.md");
+    // Each file ARCHITECTURE.md names inside a folder (`relay.rs` in the
+    // row of `src/session/`) exists there.
+    for line in text.lines().filter(|l| l.starts_with("| `src/")) {
+        let folder = line.split('`').nth(1).unwrap();
+        if !folder.ends_with('/') {
+            continue;
+        }
+        for name in line.split('`').skip(3).step_by(2) {
+            let is_file = name.ends_with(".rs") || name.ends_with('/');
+            if is_file && !name.starts_with("src/") && !name.contains(' ') {
+                let path = root().join(folder).join(name.trim_end_matches('/'));
+                assert!(
+                    path.exists(),
+                    "ARCHITECTURE.md: {folder}{name} does not exist"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_readme_layout_table_matches_the_tree() {
+    let text = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let layout = text
+        .split("## Layout")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README.md has a Layout section");
+    check_document_matches_tree(layout, "README.md's layout table");
 }

@@ -1,6 +1,7 @@
 //! The reaper: the database is the ledger, and expired roles are dropped
 //! whoever created them. (Its own test binary, so its own cluster: no other
 //! replica competes for the reaper lock.)
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! `ephemera.reaper_election`:
 //! kill the holder and the other takes over. (Its own test binary, so its
 //! own cluster: no other Ephemera competes for the lock.)
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
 
 mod common;
 

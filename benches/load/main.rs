@@ -12,6 +12,7 @@
 //! separate process) and PgBouncer in session mode (apt-get installs it
 //! when missing and root), runs the scenarios and prints a table. See
 //! BENCHMARKS.md for the variables and the last full run.
+#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
 
 mod env;
 mod perf;

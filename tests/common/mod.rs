@@ -8,7 +8,7 @@
 //!
 //! Every test binary compiles this module separately and uses a different subset of
 //! it, hence the blanket `dead_code` allowance.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 pub mod pg;
 pub mod pki;
