@@ -8,34 +8,21 @@
 
 mod common;
 
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
 use std::time::Duration;
 
 use common::proxy::{admin_client, ProxyOptions, TestProxy, ADMIN_ID, BILLING_ID, DATABASE};
 use tokio::net::TcpStream;
 
 fn soft_file_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-        0
-    );
-    limit.rlim_cur
+    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    soft
 }
 
 fn set_soft_file_limit(soft: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-        0
-    );
-    limit.rlim_cur = soft.min(limit.rlim_max);
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard), hard).expect("setrlimit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,8 +171,12 @@ async fn psql_ctrl_c_cancels_a_long_sleep_within_two_seconds() {
         .expect("psql runs");
     wait_for_running_sleep(template).await;
     let pid = child.id().expect("psql is running") as i32;
-    // SAFETY: signalling our own child, as a terminal's Ctrl-C would.
-    unsafe { libc::kill(pid, libc::SIGINT) };
+    // Our own child, as a terminal's Ctrl-C would.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("signalling psql");
     let status = tokio::time::timeout(Duration::from_secs(2), child.wait())
         .await
         .expect("psql ends within 2 s of Ctrl-C")
