@@ -86,11 +86,11 @@ impl Restartable {
     }
 
     async fn start(&mut self) {
-        let mut running = self.local.start(self.port).expect("postgres starts");
+        let running = self.local.start(self.port).expect("postgres starts");
         let local = self.local.clone();
         let running = tokio::task::spawn_blocking(move || {
             local
-                .wait_ready(&mut running, Duration::from_secs(30))
+                .wait_ready(&running, Duration::from_secs(30))
                 .expect("postgres is ready");
             running
         })

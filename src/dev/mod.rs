@@ -209,9 +209,9 @@ pub async fn prepare(
                 "starting PostgreSQL on 127.0.0.1:{port} (log: {})",
                 local.log_path.display()
             ));
-            let mut running = local.start(port)?;
+            let running = local.start(port)?;
             let waited = tokio::task::spawn_blocking(move || {
-                let result = local.wait_ready(&mut running, Duration::from_secs(60));
+                let result = local.wait_ready(&running, Duration::from_secs(60));
                 (running, result)
             })
             .await
