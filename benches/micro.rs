@@ -3,7 +3,7 @@
 //! front-door decoding and lease comment encoding.
 //!
 //! Run: `cargo bench --bench micro`
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 use std::sync::Arc;
 
@@ -13,40 +13,24 @@ use ephemera::identity::SvidVerifier;
 use ephemera::session::protocol::{decode_first_packet, encode_startup};
 use ephemera_engine::scram::ScramClient;
 use ephemera_engine::{Lease, ScramSecret};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType,
-};
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::UnixTime;
+
+/// The integration tests' PKI (a bench cannot `mod common;` the whole harness).
+#[allow(dead_code)]
+#[path = "../tests/common/pki.rs"]
+mod pki;
 
 fn svid_verification(c: &mut Criterion) {
-    let ca_key = KeyPair::generate().expect("key");
-    let mut ca_params = CertificateParams::default();
-    ca_params.distinguished_name = DistinguishedName::new();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let leaf_key = KeyPair::generate().expect("key");
-    let mut leaf = CertificateParams::default();
-    leaf.subject_alt_names = vec![SanType::URI(
-        "spiffe://example.org/ns/prod/sa/billing"
-            .try_into()
-            .expect("uri"),
-    )];
-    leaf.is_ca = IsCa::ExplicitNoCa;
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).expect("leaf");
+    let ca = pki::TestCa::new("bench CA");
+    let leaf = ca.svid("spiffe://example.org/ns/prod/sa/billing");
 
     let verifier = SvidVerifier::new(
-        &[CertificateDer::from(ca_cert.der().to_vec())],
+        &[ca.cert_der()],
         ["example.org".to_owned()],
         Arc::new(rustls::crypto::ring::default_provider()),
     )
     .expect("verifier");
-    let chain = [CertificateDer::from(leaf_cert.der().to_vec())];
+    let chain = leaf.chain_der();
     c.bench_function("svid_verify", |b| {
         b.iter(|| {
             verifier

@@ -5,7 +5,7 @@
 //!
 //! The Python and Node clients live in `tests/clients/`; `.ci/run` installs
 //! what they need (`psycopg[binary]`, `npm ci` in `tests/clients/node`).
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! The real binary under crashes, and what it writes: `kill -9` leaks no
 //! role, and no secret ever reaches its log or audit file, even at `trace`.
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 

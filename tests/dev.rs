@@ -1,7 +1,7 @@
 //! `ephemera dev` end to end: the printed lines work pasted as they are, the
 //! admin sees the live session's lease, Ctrl-C stops everything and leaves
 //! no role, and a second run reuses the CA and the cluster.
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 

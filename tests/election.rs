@@ -1,7 +1,7 @@
 //! Issue 12, finding 1: no role but Ephemera's admin role can switch the
 //! reaper off. (Its own test binary, so its own cluster: nothing else
 //! competes for the election.)
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 

@@ -1,7 +1,7 @@
 //! `ephemera exec --template T -- CMD`: a batch job with standalone
 //! credentials in PG* variables, renewed while it runs and revoked when it
 //! exits, against an in-process proxy and the real PostgreSQL.
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 

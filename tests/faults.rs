@@ -2,7 +2,7 @@
 //! connections are killed or its password rotated, two replicas share the
 //! reaper, and `kill -9` hits a storm of connecting sessions. Ephemera keeps
 //! serving and loses no role.
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 
@@ -87,11 +87,11 @@ impl Restartable {
     }
 
     async fn start(&mut self) {
-        let mut running = self.local.start(self.port).expect("postgres starts");
+        let running = self.local.start(self.port).expect("postgres starts");
         let local = self.local.clone();
         let running = tokio::task::spawn_blocking(move || {
             local
-                .wait_ready(&mut running, Duration::from_secs(30))
+                .wait_ready(&running, Duration::from_secs(30))
                 .expect("postgres is ready");
             running
         })

@@ -3,7 +3,7 @@
 //! dumpable is checked by the unit test of `ephemera::ops::hardening`, in a
 //! child process: from outside, as root, a non-dumpable process looks the
 //! same.)
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 

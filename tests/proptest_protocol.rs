@@ -6,7 +6,7 @@
 //! documentation and the SPIFFE ID specification, not from Ephemera's code.
 //! The fuzz targets in `fuzz/` check the same properties on unstructured
 //! input; these run in `cargo test` (256 cases per property, a few seconds).
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -1,7 +1,7 @@
 //! The reaper: the database is the ledger, and expired roles are dropped
 //! whoever created them. (Its own test binary, so its own cluster: no other
 //! replica competes for the reaper lock.)
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 

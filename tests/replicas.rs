@@ -2,7 +2,7 @@
 //! `ephemera.reaper_election`:
 //! kill the holder and the other takes over. (Its own test binary, so its
 //! own cluster: no other Ephemera competes for the lock.)
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 

@@ -1,7 +1,7 @@
 //! Certificate rotation without a restart: SPIRE rotates the trust bundle's
 //! CAs and Ephemera's own (short-lived) certificate; a reload (SIGHUP) picks
 //! both up for new connections, on the PostgreSQL port and the admin API.
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! The session path end to end: an SVID in, a minted role upstream, the role
 //! gone when the session ends.
-#![allow(clippy::unwrap_used)] // a test: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 mod common;
 

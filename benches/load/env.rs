@@ -3,7 +3,6 @@
 //! max_connections), the `ephemera serve` binary as a separate process, and
 //! PgBouncer in session mode (installed with apt-get when missing and root).
 
-use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -12,7 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ephemera::dev::cluster::{self, find_bin_dir, server_user, LocalCluster, Running, ServerUser};
+use ephemera::dev::cluster::{
+    self, find_bin_dir, server_user, InitOptions, LocalCluster, Running, ServerUser,
+};
 use ephemera::dev::pki::{DevCerts, ADMIN, APP};
 use rand::distributions::{Alphanumeric, DistString};
 use rustls::pki_types::pem::PemObject;
@@ -475,24 +476,22 @@ pub fn prepare(rt: &tokio::runtime::Runtime, keep: bool) -> Result<Env, Error> {
     let direct_password = random(24);
     let admin_password = random(24);
     eprintln!("load: initdb ({})", bin_dir.display());
-    local.init(
-        &superuser_password,
-        &std::fs::read_to_string(certs.server_cert())?,
-        &std::fs::read_to_string(certs.server_key())?,
-    )?;
     // Defaults everywhere (fsync and synchronous_commit on: the CREATE ROLE
     // comparison must be fair), except room for 1 000 idle sessions.
-    let conf = local.data_dir.join("postgresql.conf");
-    let mut file = std::fs::OpenOptions::new().append(true).open(&conf)?;
-    writeln!(
-        file,
-        "\n# ephemera load bench\nmax_connections = {PG_MAX_CONNECTIONS}"
-    )?;
-    drop(file);
+    let server_cert = std::fs::read_to_string(certs.server_cert())?;
+    let server_key = std::fs::read_to_string(certs.server_key())?;
+    let extra_conf = format!("# ephemera load bench\nmax_connections = {PG_MAX_CONNECTIONS}\n");
+    local.init_with(&InitOptions {
+        superuser_password: &superuser_password,
+        server_cert: &server_cert,
+        server_key: &server_key,
+        extra_conf: &extra_conf,
+        ..InitOptions::default()
+    })?;
 
     let pg_port = free_port();
-    let mut running = local.start(pg_port)?;
-    if let Err(e) = local.wait_ready(&mut running, Duration::from_secs(60)) {
+    let running = local.start(pg_port)?;
+    if let Err(e) = local.wait_ready(&running, Duration::from_secs(60)) {
         running.stop(Duration::from_secs(5));
         return Err(e.into());
     }

@@ -12,7 +12,8 @@
 //! separate process) and PgBouncer in session mode (apt-get installs it
 //! when missing and root), runs the scenarios and prints a table. See
 //! BENCHMARKS.md for the variables and the last full run.
-#![allow(clippy::unwrap_used)] // a benchmark: a panic is its failure message
+#![allow(clippy::unwrap_used, clippy::too_many_lines)]
+// a benchmark: a panic is its failure message
 // The harness calls libc for process control and resource usage; each
 // block says why it is sound.
 #![allow(unsafe_code)]

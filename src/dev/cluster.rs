@@ -1,17 +1,20 @@
-//! A throwaway PostgreSQL cluster for `ephemera dev`, from the PostgreSQL
-//! binaries already on the machine.
+//! A throwaway PostgreSQL cluster for `ephemera dev` (and the integration
+//! tests' harness), from the PostgreSQL binaries already on the machine:
+//! `initdb` with SCRAM-SHA-256 everywhere and TLS on, a postmaster on
+//! 127.0.0.1, readiness and shutdown.
 //!
 //! PostgreSQL refuses to run as root; when we are root, `initdb` and
 //! `postgres` run as the `postgres` system user, which owns the data
-//! directory. The postmaster gets its own process group, so a Ctrl-C in the
-//! terminal reaches only `ephemera dev`, which revokes every lease before it
-//! stops the cluster.
+//! directory. For `ephemera dev` the postmaster gets its own process group,
+//! so a Ctrl-C in the terminal reaches only `ephemera dev`, which revokes
+//! every lease before it stops the cluster ([`StartOptions`]).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -123,16 +126,77 @@ pub struct LocalCluster {
     pub user: Option<ServerUser>,
 }
 
-/// A running postmaster started by us.
+/// How [`LocalCluster::init_with`] sets up a new cluster. Whatever the
+/// options: SCRAM-SHA-256 for every connection (no `trust`), TLS on with
+/// the given certificate, TCP on 127.0.0.1 only, 200 connections.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InitOptions<'a> {
+    /// The password of the bootstrap superuser `postgres`.
+    pub superuser_password: &'a str,
+    /// The server's certificate (chain) and key, PEM; copied into the data
+    /// directory.
+    pub server_cert: &'a str,
+    pub server_key: &'a str,
+    /// Where the Unix socket goes (None: the data directory).
+    pub socket_dir: Option<&'a Path>,
+    /// `initdb --no-sync`: for clusters that never outlive their use.
+    pub no_sync: bool,
+    /// More `postgresql.conf` lines, appended after ours (later lines win).
+    pub extra_conf: &'a str,
+}
+
+/// How [`LocalCluster::start_with`] starts the postmaster.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// In its own process group, so that a Ctrl-C in the terminal reaches
+    /// only us (and we decide when the cluster stops).
+    pub own_process_group: bool,
+    /// Adjusts the postmaster's command before it is spawned. The test
+    /// harness uses it to have the kernel stop the postmaster when the test
+    /// process dies (`PR_SET_PDEATHSIG` in `pre_exec`, which needs `unsafe`:
+    /// it lives in the harness, not here).
+    pub before_spawn: Option<fn(&mut Command)>,
+}
+
+/// A running postmaster started by us. A thread of ours waits for it, so
+/// its exit is seen (and it is reaped) as soon as it happens.
 #[derive(Debug)]
 pub struct Running {
-    child: Child,
+    pid: i32,
     pub port: u16,
+    exit: Arc<ExitSignal>,
+}
+
+/// Set once, by the thread waiting for the postmaster, when it has exited.
+#[derive(Debug, Default)]
+struct ExitSignal {
+    status: Mutex<Option<ExitStatus>>,
+    changed: Condvar,
+}
+
+impl ExitSignal {
+    fn lock(&self) -> MutexGuard<'_, Option<ExitStatus>> {
+        // Never panic here (this may run in an atexit hook): ignore poisoning.
+        self.status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl LocalCluster {
     pub fn exists(&self) -> bool {
         self.data_dir.join("PG_VERSION").is_file()
+    }
+
+    /// A command for a server binary: as the server user, with a clean
+    /// environment, in the data directory's parent (which the server user
+    /// can reach, unlike perhaps our own working directory).
+    fn command(&self, program: &str) -> Command {
+        let mut command = command(&self.bin_dir.join(program), self.user);
+        if let Some(parent) = self.data_dir.parent() {
+            command.current_dir(parent);
+        }
+        command
     }
 
     /// `initdb` with SCRAM everywhere and TLS on (`server_cert`/`server_key`
@@ -143,16 +207,65 @@ impl LocalCluster {
         server_cert: &str,
         server_key: &str,
     ) -> Result<(), ClusterError> {
+        self.init_with(&InitOptions {
+            superuser_password,
+            server_cert,
+            server_key,
+            ..InitOptions::default()
+        })
+    }
+
+    /// `initdb` and the configuration described by `options`.
+    pub fn init_with(&self, options: &InitOptions<'_>) -> Result<(), ClusterError> {
         let parent = self.data_dir.parent().expect("the data dir has a parent");
         fs::create_dir_all(parent).map_err(io(parent))?;
-        let pwfile = parent.join(".initdb-pwfile");
-        write_private(&pwfile, superuser_password.as_bytes())?;
-        give_to(self.user, &pwfile)?;
         fs::create_dir_all(&self.data_dir).map_err(io(&self.data_dir))?;
         fs::set_permissions(&self.data_dir, fs::Permissions::from_mode(0o700))
             .map_err(io(&self.data_dir))?;
         give_to(self.user, &self.data_dir)?;
-        let output = command(&self.bin_dir.join("initdb"), self.user)
+        self.initdb(parent, options)?;
+        let cert = self.data_dir.join("server.crt");
+        let key = self.data_dir.join("server.key");
+        fs::write(&cert, options.server_cert).map_err(io(&cert))?;
+        write_private(&key, options.server_key.as_bytes())?;
+        give_to(self.user, &cert)?;
+        give_to(self.user, &key)?;
+        // Writing over the files initdb made keeps their owner.
+        let hba = self.data_dir.join("pg_hba.conf");
+        fs::write(
+            &hba,
+            "# Written by Ephemera: passwords (SCRAM) everywhere, never trust\n\
+             local all all scram-sha-256\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host all all ::1/128 scram-sha-256\n",
+        )
+        .map_err(io(&hba))?;
+        let conf = self.data_dir.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).map_err(io(&conf))?;
+        text.push_str(&format!(
+            "\n# Ephemera\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = {}\n\
+             ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             password_encryption = 'scram-sha-256'\nmax_connections = 200\n",
+            conf_quote(options.socket_dir.unwrap_or(&self.data_dir))
+        ));
+        if !options.extra_conf.is_empty() {
+            text.push_str(options.extra_conf);
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+        }
+        fs::write(&conf, text).map_err(io(&conf))?;
+        Ok(())
+    }
+
+    /// `initdb` itself, the superuser password passed in a file in `parent`
+    /// that is removed again.
+    fn initdb(&self, parent: &Path, options: &InitOptions<'_>) -> Result<(), ClusterError> {
+        let pwfile = parent.join(".initdb-pwfile");
+        write_private(&pwfile, options.superuser_password.as_bytes())?;
+        give_to(self.user, &pwfile)?;
+        let mut initdb = self.command("initdb");
+        initdb
             .arg("-D")
             .arg(&self.data_dir)
             .args([
@@ -162,41 +275,24 @@ impl LocalCluster {
                 "--encoding=UTF8",
                 "--no-locale",
             ])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .output()
-            .map_err(io(&self.bin_dir.join("initdb")));
+            .arg(format!("--pwfile={}", pwfile.display()));
+        if options.no_sync {
+            initdb.arg("--no-sync");
+        }
+        let output = initdb.output().map_err(io(&self.bin_dir.join("initdb")));
         let _ = fs::remove_file(&pwfile);
         let output = output?;
         if !output.status.success() {
             return Err(ClusterError::Command {
                 what: "initdb".into(),
-                detail: String::from_utf8_lossy(&output.stderr).into_owned(),
+                detail: format!(
+                    "{}\n{}{}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                ),
             });
         }
-        let cert = self.data_dir.join("server.crt");
-        let key = self.data_dir.join("server.key");
-        fs::write(&cert, server_cert).map_err(io(&cert))?;
-        write_private(&key, server_key.as_bytes())?;
-        give_to(self.user, &cert)?;
-        give_to(self.user, &key)?;
-        let hba = self.data_dir.join("pg_hba.conf");
-        fs::write(
-            &hba,
-            "# ephemera dev: passwords (SCRAM) everywhere, never trust\n\
-             local all all scram-sha-256\n\
-             host all all 127.0.0.1/32 scram-sha-256\n\
-             host all all ::1/128 scram-sha-256\n",
-        )
-        .map_err(io(&hba))?;
-        let conf = self.data_dir.join("postgresql.conf");
-        let mut text = fs::read_to_string(&conf).map_err(io(&conf))?;
-        text.push_str(&format!(
-            "\n# ephemera dev\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
-             password_encryption = 'scram-sha-256'\nmax_connections = 200\n",
-            self.data_dir.display()
-        ));
-        fs::write(&conf, text).map_err(io(&conf))?;
         Ok(())
     }
 
@@ -212,7 +308,8 @@ impl LocalCluster {
         };
         // No signal: only checks that the process exists.
         if kill(Pid::from_raw(pid), None).is_ok() {
-            let _ = command(&self.bin_dir.join("pg_ctl"), self.user)
+            let _ = self
+                .command("pg_ctl")
                 .arg("stop")
                 .arg("-D")
                 .arg(&self.data_dir)
@@ -223,69 +320,159 @@ impl LocalCluster {
         }
     }
 
-    /// Start the postmaster on `port`, in its own process group.
+    /// Start the postmaster on `port`, in its own process group (what
+    /// `ephemera dev` wants).
     pub fn start(&self, port: u16) -> Result<Running, ClusterError> {
+        self.start_with(
+            port,
+            StartOptions {
+                own_process_group: true,
+                before_spawn: None,
+            },
+        )
+    }
+
+    /// Start the postmaster on `port`; its stderr goes to the log.
+    ///
+    /// It is spawned from a thread that then waits for it: Linux delivers
+    /// the parent-death signal when the *thread* that forked the child ends,
+    /// so that thread has to live as long as the postmaster.
+    pub fn start_with(&self, port: u16, options: StartOptions) -> Result<Running, ClusterError> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)
             .map_err(io(&self.log_path))?;
-        let child = command(&self.bin_dir.join("postgres"), self.user)
+        let mut command = self.command("postgres");
+        command
             .arg("-D")
             .arg(&self.data_dir)
             .arg("-p")
             .arg(port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .map_err(io(&self.bin_dir.join("postgres")))?;
-        Ok(Running { child, port })
+            .stderr(log);
+        if options.own_process_group {
+            command.process_group(0);
+        }
+        if let Some(adjust) = options.before_spawn {
+            adjust(&mut command);
+        }
+        let program = self.bin_dir.join("postgres");
+        let exit = Arc::new(ExitSignal::default());
+        let exit_for_waiter = Arc::clone(&exit);
+        let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("postmaster".into())
+            .spawn(move || match command.spawn() {
+                Err(e) => {
+                    let _ = pid_tx.send(Err(e));
+                }
+                Ok(mut child) => {
+                    let _ = pid_tx.send(Ok(child.id()));
+                    // wait() only fails for a child that is not ours; say "exited".
+                    let status = child
+                        .wait()
+                        .unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(0));
+                    *exit_for_waiter.lock() = Some(status);
+                    exit_for_waiter.changed.notify_all();
+                }
+            })
+            .map_err(io(&program))?;
+        let pid = pid_rx
+            .recv()
+            .map_err(|_| ClusterError::Command {
+                what: "postgres".into(),
+                detail: "the thread starting it ended without a word".into(),
+            })?
+            .map_err(io(&program))?;
+        Ok(Running {
+            pid: i32::try_from(pid).expect("pids fit in pid_t"),
+            port,
+            exit,
+        })
     }
 
-    /// Wait until the server accepts connections.
-    pub fn wait_ready(&self, running: &mut Running, timeout: Duration) -> Result<(), ClusterError> {
+    /// Wait until the server accepts connections (or has exited, or
+    /// `timeout` has passed).
+    pub fn wait_ready(&self, running: &Running, timeout: Duration) -> Result<(), ClusterError> {
         let deadline = Instant::now() + timeout;
+        let port = running.port.to_string();
         loop {
-            if let Ok(Some(status)) = running.child.try_wait() {
+            if let Some(status) = running.exit_status() {
                 return Err(ClusterError::Command {
                     what: "postgres".into(),
                     detail: format!("exited with {status}; see {}", self.log_path.display()),
                 });
             }
-            let ready = command(&self.bin_dir.join("pg_isready"), self.user)
-                .args(["-q", "-h", "127.0.0.1", "-p", &running.port.to_string()])
+            // Exit codes: 0 accepting, 1 rejecting (still starting), 2 no response.
+            let ready = self
+                .command("pg_isready")
+                .args(["-q", "-h", "127.0.0.1", "-p", &port])
+                .args(["-d", "postgres", "-t", "2"])
+                .stdin(Stdio::null())
                 .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
+                .map_err(io(&self.bin_dir.join("pg_isready")))?
+                .success();
             if ready {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(ClusterError::NotReady(timeout, self.log_path.clone()));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            // The poll interval; returns at once if the postmaster exits.
+            running.wait_exit(Duration::from_millis(25));
         }
     }
 }
 
 impl Running {
+    /// The postmaster's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// How the postmaster exited, if it has.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        *self.exit.lock()
+    }
+
+    /// Wait up to `timeout` for the postmaster to exit; its status if it has.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let guard = self.exit.lock();
+        let (guard, _) = self
+            .exit
+            .changed
+            .wait_timeout_while(guard, timeout, |status| status.is_none())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard
+    }
+
+    /// Send `signal` unless the postmaster has exited (then its pid may
+    /// already belong to another process).
+    fn signal(&self, signal: Signal) {
+        if self.exit_status().is_none() {
+            // Our own child, not yet reaped: the pid is still its.
+            let _ = kill(Pid::from_raw(self.pid), signal);
+        }
+    }
+
     /// Fast shutdown (SIGINT): roll back, disconnect, stop. Escalates to an
     /// immediate shutdown if it takes longer than `timeout`.
-    pub fn stop(mut self, timeout: Duration) {
-        // Our own child, not reaped before `wait` below: the pid is its.
-        let pid = Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, Signal::SIGINT);
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    pub fn stop(self, timeout: Duration) {
+        self.signal(Signal::SIGINT);
+        if self.wait_exit(timeout).is_some() {
+            return;
         }
-        let _ = kill(pid, Signal::SIGQUIT);
-        let _ = self.child.wait();
+        self.signal(Signal::SIGQUIT);
+        while self.wait_exit(Duration::from_secs(60)).is_none() {}
+    }
+
+    /// Immediate shutdown (SIGQUIT), waiting up to `timeout` for the exit.
+    /// Whether the postmaster has exited. Never panics.
+    pub fn stop_immediately(&self, timeout: Duration) -> bool {
+        self.signal(Signal::SIGQUIT);
+        self.wait_exit(timeout).is_some()
     }
 }
 
@@ -311,4 +498,19 @@ pub fn reachable_by_others(dir: &Path) -> bool {
             .map(|m| m.permissions().mode() & 0o001 != 0)
             .unwrap_or(false)
     })
+}
+
+/// A TCP port on 127.0.0.1 that was free when we looked.
+pub fn free_port() -> Result<u16, ClusterError> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| ClusterError::Io {
+            path: PathBuf::from("127.0.0.1:0"),
+            source,
+        })?;
+    Ok(listener.local_addr().expect("bound").port())
+}
+
+/// A path as a postgresql.conf string literal.
+fn conf_quote(path: &Path) -> String {
+    format!("'{}'", path.to_string_lossy().replace('\'', "''"))
 }

@@ -8,8 +8,9 @@
 //!
 //! Every test binary compiles this module separately and uses a different subset of
 //! it, hence the blanket `dead_code` allowance.
-#![allow(dead_code, unused_imports, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::too_many_lines)]
 
+pub mod os;
 pub mod pg;
 pub mod pki;
 pub mod proxy;

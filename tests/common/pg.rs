@@ -26,28 +26,27 @@
 //! Running as root (as in CI containers): PostgreSQL refuses to run as root, so
 //! `initdb` and `postgres` run as the `postgres` system user, which owns the directory.
 //!
-//! The binaries come from `$EPHEMERA_PG_BINDIR`, else `pg_config --bindir` (if it
-//! contains `initdb`), else `/usr/lib/postgresql/15/bin`.
+//! The binaries come from `$EPHEMERA_PG_BINDIR`, else from where `ephemera dev` finds
+//! them (`pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`).
+//!
+//! initdb, the configuration both share, start-up and shutdown are the library's
+//! ([`ephemera::dev::cluster`]); this module adds what only tests need: the harness CA,
+//! fast and chatty settings, a cluster per test binary and its clean-up, and clients.
 
-use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
-use std::os::unix::fs::{chown, PermissionsExt};
-use std::os::unix::process::CommandExt;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use ephemera::dev::cluster::{self, InitOptions, LocalCluster, Running, StartOptions};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 use tokio_postgres::config::SslMode;
 
 use super::pki::{self, TestCa};
 
-/// Where Debian/Ubuntu install PostgreSQL 15.
-const FALLBACK_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 /// The bootstrap superuser created by initdb.
 pub const SUPERUSER: &str = "postgres";
 /// The address the cluster listens on (and the host name to connect to).
@@ -61,6 +60,20 @@ const DIR_PREFIX: &str = "ephemera-pg-";
 /// The port is chosen by binding port 0 and releasing it, which can race with another
 /// process; if the postmaster then fails to start we try again with a new port.
 const START_ATTEMPTS: usize = 3;
+/// What tests want on top of the library's configuration: speed over durability,
+/// every statement and connection in the log, and prepared transactions.
+const TEST_SETTINGS: &str = "\n# ----- Ephemera test harness -----\n\
+     max_prepared_transactions = 20\n\
+     shared_buffers = 32MB\n\
+     fsync = off\n\
+     synchronous_commit = off\n\
+     full_page_writes = off\n\
+     logging_collector = off\n\
+     log_destination = 'stderr'\n\
+     log_statement = 'all'\n\
+     log_connections = on\n\
+     log_disconnections = on\n\
+     log_line_prefix = '%m [%p] %q%u@%d '\n";
 
 static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
 
@@ -78,8 +91,7 @@ pub fn cluster() -> &'static TestCluster {
             .join()
             .unwrap_or_else(|panic| Err(format!("cluster setup panicked: {panic:?}")));
         if outcome.is_ok() {
-            // SAFETY: registers a plain `extern "C"` function with no arguments.
-            unsafe { libc::atexit(stop_cluster_at_exit) };
+            super::os::at_exit(stop_cluster_at_exit);
         }
         outcome
     });
@@ -97,16 +109,15 @@ pub async fn exec_sql(database: &str, sql: &str) {
 
 /// A running PostgreSQL cluster. Get the shared one with [`cluster()`].
 pub struct TestCluster {
-    bin_dir: PathBuf,
     /// The temporary directory holding everything below (owned by the server's OS user).
     base_dir: PathBuf,
-    data_dir: PathBuf,
-    log_path: PathBuf,
+    /// Binaries, data directory (`base_dir/data`) and log (`base_dir/postgres.log`).
+    local: LocalCluster,
     ca: TestCa,
     ca_pem_path: PathBuf,
     port: u16,
     superuser_password: String,
-    postmaster: Postmaster,
+    postmaster: Running,
 }
 
 impl std::fmt::Debug for TestCluster {
@@ -114,7 +125,7 @@ impl std::fmt::Debug for TestCluster {
         f.debug_struct("TestCluster")
             .field("port", &self.port)
             .field("base_dir", &self.base_dir)
-            .field("postmaster_pid", &self.postmaster.pid)
+            .field("postmaster_pid", &self.postmaster.pid())
             .finish_non_exhaustive()
     }
 }
@@ -164,12 +175,12 @@ impl TestCluster {
 
     /// The cluster's data directory.
     pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+        &self.local.data_dir
     }
 
     /// Directory with `psql`, `pg_isready`, ... of the server's version.
     pub fn bin_dir(&self) -> &Path {
-        &self.bin_dir
+        &self.local.bin_dir
     }
 
     /// A libpq URL, e.g. for `psql`:
@@ -254,7 +265,7 @@ impl TestCluster {
 
     /// The server log file (the postmaster's stderr; every statement is logged).
     pub fn log_path(&self) -> &Path {
-        &self.log_path
+        &self.local.log_path
     }
 
     /// The whole server log so far.
@@ -265,12 +276,12 @@ impl TestCluster {
     /// The current size of the log; pass it to [`TestCluster::server_log_since`] later
     /// to see only what was logged in between.
     pub fn log_len(&self) -> u64 {
-        fs::metadata(&self.log_path).map(|m| m.len()).unwrap_or(0)
+        fs::metadata(self.log_path()).map(|m| m.len()).unwrap_or(0)
     }
 
     /// The server log from byte `offset` on (invalid UTF-8 is replaced).
     pub fn server_log_since(&self, offset: u64) -> String {
-        read_from(&self.log_path, offset)
+        read_from(self.log_path(), offset)
     }
 
     /// Polls the log (from `offset`) until it contains `needle` or `timeout` passes.
@@ -293,7 +304,7 @@ impl TestCluster {
     /// initdb + configure + start + wait until ready. Runs on the setup thread.
     fn start() -> Result<TestCluster, String> {
         let bin_dir = find_bin_dir()?;
-        let server_user = server_os_user()?;
+        let server_user = cluster::server_user().map_err(|e| e.to_string())?;
         remove_stale_dirs();
 
         let base_dir = tempfile::Builder::new()
@@ -306,124 +317,56 @@ impl TestCluster {
         fs::write(base_dir.join("owner.pid"), std::process::id().to_string())
             .map_err(|e| format!("writing owner.pid: {e}"))?;
 
-        let result = Self::start_in(bin_dir, base_dir.clone(), server_user);
+        let local = LocalCluster {
+            bin_dir,
+            data_dir: base_dir.join("data"),
+            log_path: base_dir.join("postgres.log"),
+            user: server_user,
+        };
+        let result = Self::start_in(base_dir.clone(), local);
         if result.is_err() && std::env::var_os("EPHEMERA_KEEP_TEST_PG").is_none() {
             let _ = fs::remove_dir_all(&base_dir);
         }
         result
     }
 
-    fn start_in(
-        bin_dir: PathBuf,
-        base_dir: PathBuf,
-        server_user: Option<OsUser>,
-    ) -> Result<TestCluster, String> {
-        let data_dir = base_dir.join("data");
-        let log_path = base_dir.join("postgres.log");
-        let give_to_server = |path: &Path| -> Result<(), String> {
-            match server_user {
-                Some(user) => chown(path, Some(user.uid), Some(user.gid))
-                    .map_err(|e| format!("chown {} to the postgres user: {e}", path.display())),
-                None => Ok(()),
-            }
-        };
-        give_to_server(&base_dir)?;
-
-        // --- initdb, with the superuser password read from a temporary file.
+    fn start_in(base_dir: PathBuf, local: LocalCluster) -> Result<TestCluster, String> {
+        cluster::give_to(local.user, &base_dir).map_err(|e| e.to_string())?;
         let superuser_password: String = rand::thread_rng()
             .sample_iter(&Alphanumeric)
             .take(32)
             .map(char::from)
             .collect();
-        let pwfile = base_dir.join("pwfile");
-        pki::write_private(&pwfile, format!("{superuser_password}\n").as_bytes());
-        give_to_server(&pwfile)?;
-        let output = server_command(&bin_dir.join("initdb"), &base_dir, server_user)
-            .arg("--pgdata")
-            .arg(&data_dir)
-            .args(["--username", SUPERUSER])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .args(["--auth=scram-sha-256", "--encoding=UTF8", "--no-locale"])
-            .args(["--no-sync", "--no-instructions"])
-            .output()
-            .map_err(|e| format!("running initdb: {e}"))?;
-        let _ = fs::remove_file(&pwfile);
-        if !output.status.success() {
-            return Err(format!(
-                "initdb failed ({}):\n{}\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-
-        // --- TLS material: a harness CA and a server certificate it issued.
+        // TLS material: a harness CA and a server certificate it issued.
         let ca = TestCa::new("ephemera test postgres CA");
         let ca_pem_path = ca.write_pem(&base_dir);
         let server = ca.server_cert(&["localhost"], &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-        let (cert_path, key_path) = server.write(&base_dir, "server");
-        give_to_server(&cert_path)?;
-        give_to_server(&key_path)?;
+        local
+            .init_with(&InitOptions {
+                superuser_password: &superuser_password,
+                server_cert: &server.chain_pem,
+                server_key: &server.key_pem,
+                socket_dir: Some(&base_dir),
+                no_sync: true,
+                extra_conf: TEST_SETTINGS,
+            })
+            .map_err(|e| e.to_string())?;
 
-        // --- configuration. Writing over existing files keeps their owner.
-        fs::write(
-            data_dir.join("pg_hba.conf"),
-            "# Written by the Ephemera test harness: passwords everywhere, no trust.\n\
-             # TYPE  DATABASE  USER  ADDRESS       METHOD\n\
-             local   all       all                 scram-sha-256\n\
-             host    all       all   127.0.0.1/32  scram-sha-256\n\
-             host    all       all   ::1/128       scram-sha-256\n",
-        )
-        .map_err(|e| format!("writing pg_hba.conf: {e}"))?;
-        let settings = format!(
-            "\n# ----- Ephemera test harness -----\n\
-             listen_addresses = '127.0.0.1'\n\
-             unix_socket_directories = {socket_dir}\n\
-             max_connections = 200\n\
-             max_prepared_transactions = 20\n\
-             shared_buffers = 32MB\n\
-             fsync = off\n\
-             synchronous_commit = off\n\
-             full_page_writes = off\n\
-             password_encryption = 'scram-sha-256'\n\
-             ssl = on\n\
-             ssl_cert_file = {cert}\n\
-             ssl_key_file = {key}\n\
-             logging_collector = off\n\
-             log_destination = 'stderr'\n\
-             log_statement = 'all'\n\
-             log_connections = on\n\
-             log_disconnections = on\n\
-             log_line_prefix = '%m [%p] %q%u@%d '\n",
-            socket_dir = conf_quote(&base_dir),
-            cert = conf_quote(&cert_path),
-            key = conf_quote(&key_path),
-        );
-        OpenOptions::new()
-            .append(true)
-            .open(data_dir.join("postgresql.conf"))
-            .and_then(|mut f| f.write_all(settings.as_bytes()))
-            .map_err(|e| format!("appending to postgresql.conf: {e}"))?;
-
-        // --- start, retrying with another port if the chosen one got taken meanwhile.
+        // Start, retrying with another port if the chosen one got taken meanwhile.
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
-            let port = free_port()?;
-            let log_offset = fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
-            let log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
-            let postmaster =
-                Postmaster::spawn(&bin_dir, &base_dir, &data_dir, port, log, server_user)?;
-            match wait_until_ready(&bin_dir, port, &postmaster) {
+            let port = cluster::free_port().map_err(|e| e.to_string())?;
+            let log_offset = fs::metadata(&local.log_path).map(|m| m.len()).unwrap_or(0);
+            let options = StartOptions {
+                own_process_group: false,
+                before_spawn: Some(super::os::die_with_parent),
+            };
+            let postmaster = local.start_with(port, options).map_err(|e| e.to_string())?;
+            match local.wait_ready(&postmaster, STARTUP_TIMEOUT) {
                 Ok(()) => {
                     return Ok(TestCluster {
-                        bin_dir,
                         base_dir,
-                        data_dir,
-                        log_path,
+                        local,
                         ca,
                         ca_pem_path,
                         port,
@@ -432,8 +375,8 @@ impl TestCluster {
                     });
                 }
                 Err(reason) => {
-                    postmaster.stop();
-                    let log = read_from(&log_path, log_offset);
+                    stop(&postmaster);
+                    let log = read_from(&local.log_path, log_offset);
                     let port_taken = log.contains("could not bind")
                         || log.contains("could not create any TCP/IP sockets");
                     failures.push(format!("port {port}: {reason}\nserver log:\n{log}"));
@@ -447,181 +390,25 @@ impl TestCluster {
     }
 }
 
-/// Polls `pg_isready` until the server accepts connections, the postmaster exits, or
-/// the start-up deadline passes.
-fn wait_until_ready(bin_dir: &Path, port: u16, postmaster: &Postmaster) -> Result<(), String> {
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        if let Some(status) = postmaster.exit_status() {
-            return Err(format!("postmaster exited during start-up ({status})"));
-        }
-        // Exit codes: 0 accepting, 1 rejecting (still starting), 2 no response.
-        let status = clean_env(Command::new(bin_dir.join("pg_isready")))
-            .args([
-                "--quiet",
-                "--host",
-                HOST,
-                "--dbname",
-                "postgres",
-                "--timeout",
-                "2",
-            ])
-            .args(["--port", &port.to_string()])
-            .stdin(Stdio::null())
-            .status()
-            .map_err(|e| format!("running pg_isready: {e}"))?;
-        if status.success() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("not ready after {STARTUP_TIMEOUT:?}"));
-        }
-        // Poll interval; returns early if the postmaster exits.
-        postmaster.wait_exit(Duration::from_millis(25));
-    }
-}
-
-// ----- the postmaster process ----------------------------------------------------
-
-/// The running postmaster and a way to learn when it has exited.
-struct Postmaster {
-    pid: libc::pid_t,
-    exit: Arc<ExitSignal>,
-}
-
-/// Set once by the guardian thread when the postmaster has been reaped.
-#[derive(Default)]
-struct ExitSignal {
-    status: Mutex<Option<ExitStatus>>,
-    changed: Condvar,
-}
-
-impl ExitSignal {
-    fn lock(&self) -> MutexGuard<'_, Option<ExitStatus>> {
-        // Never panic here (this runs in the atexit hook): ignore poisoning.
-        self.status
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-impl Postmaster {
-    /// Spawns `postgres -D data_dir -p port` with stdout/stderr going to `log`.
-    ///
-    /// The child is spawned from a dedicated thread that stays alive while the
-    /// postmaster runs: Linux delivers PR_SET_PDEATHSIG when the *thread* that forked
-    /// the child exits, so spawning from a short-lived thread would kill the server
-    /// early. When the whole test process dies (even SIGKILL), the postmaster gets
-    /// SIGQUIT, PostgreSQL's "immediate shutdown", which also ends its backends.
-    fn spawn(
-        bin_dir: &Path,
-        base_dir: &Path,
-        data_dir: &Path,
-        port: u16,
-        log: File,
-        server_user: Option<OsUser>,
-    ) -> Result<Postmaster, String> {
-        let stdout = log
-            .try_clone()
-            .map_err(|e| format!("duplicating log handle: {e}"))?;
-        let mut command = server_command(&bin_dir.join("postgres"), base_dir, server_user);
-        command
-            .arg("-D")
-            .arg(data_dir)
-            .args(["-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(log);
-        let parent_pid = std::process::id();
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (no allocation, no locks). std applies the
-        // uid/gid change before running it, so the death signal is not reset by it.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // If the test process died between fork and prctl, nobody will signal us.
-                if libc::getppid() as u32 != parent_pid {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            })
-        };
-
-        let exit = Arc::new(ExitSignal::default());
-        let exit_for_guardian = Arc::clone(&exit);
-        let (pid_tx, pid_rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("test-pg-postmaster".into())
-            .spawn(move || match command.spawn() {
-                Err(e) => {
-                    let _ = pid_tx.send(Err(format!("spawning postgres: {e}")));
-                }
-                Ok(mut child) => {
-                    let _ = pid_tx.send(Ok(child.id()));
-                    // Blocks for as long as the postmaster runs (normally until the
-                    // process exits). Once it has been reaped this thread may end.
-                    let status = child.wait();
-                    let mut slot = exit_for_guardian.lock();
-                    *slot = Some(status.unwrap_or_else(|_| {
-                        // wait() only fails for an invalid child; report "exited".
-                        std::os::unix::process::ExitStatusExt::from_raw(0)
-                    }));
-                    exit_for_guardian.changed.notify_all();
-                }
-            })
-            .map_err(|e| format!("spawning the postmaster thread: {e}"))?;
-        let pid = pid_rx
-            .recv()
-            .map_err(|_| "the postmaster thread ended without reporting".to_owned())??;
-        Ok(Postmaster {
-            pid: libc::pid_t::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?,
-            exit,
-        })
-    }
-
-    /// The exit status, if the postmaster has exited.
-    fn exit_status(&self) -> Option<ExitStatus> {
-        *self.exit.lock()
-    }
-
-    /// Waits up to `timeout` for the postmaster to exit; returns its status if it has.
-    fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
-        let guard = self.exit.lock();
-        let (guard, _) = self
-            .exit
-            .changed
-            .wait_timeout_while(guard, timeout, |status| status.is_none())
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *guard
-    }
-
-    /// Immediate shutdown (SIGQUIT) and wait for the postmaster to exit. Never panics.
-    fn stop(&self) {
-        if self.exit_status().is_none() {
-            // SAFETY: plain kill(2). The pid cannot have been reused: the guardian
-            // thread has not reaped it yet (exit_status is None).
-            unsafe { libc::kill(self.pid, libc::SIGQUIT) };
-        }
-        if self.wait_exit(SHUTDOWN_TIMEOUT).is_none() {
-            eprintln!(
-                "test-pg: postmaster {} did not exit within {SHUTDOWN_TIMEOUT:?}",
-                self.pid
-            );
-        }
+/// Immediate shutdown, waiting for the exit. Never panics (runs in the atexit hook).
+fn stop(postmaster: &Running) {
+    if !postmaster.stop_immediately(SHUTDOWN_TIMEOUT) {
+        eprintln!(
+            "test-pg: postmaster {} did not exit within {SHUTDOWN_TIMEOUT:?}",
+            postmaster.pid()
+        );
     }
 }
 
 /// Registered with `atexit` once the cluster is up: stop it and delete its directory.
 extern "C" fn stop_cluster_at_exit() {
     if let Some(Ok(cluster)) = CLUSTER.get() {
-        cluster.postmaster.stop();
+        stop(&cluster.postmaster);
         if std::env::var_os("EPHEMERA_KEEP_TEST_PG").is_some() {
             eprintln!(
                 "test-pg: keeping {} (log: {})",
                 cluster.base_dir.display(),
-                cluster.log_path.display()
+                cluster.log_path().display()
             );
         } else {
             let _ = fs::remove_dir_all(&cluster.base_dir);
@@ -631,100 +418,18 @@ extern "C" fn stop_cluster_at_exit() {
 
 // ----- helpers -------------------------------------------------------------------
 
-/// The OS account the server runs as, when different from ours.
-#[derive(Clone, Copy, Debug)]
-struct OsUser {
-    uid: u32,
-    gid: u32,
-}
-
-/// `None` when we are not root (run as ourselves), else the `postgres` account.
-fn server_os_user() -> Result<Option<OsUser>, String> {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
-    }
-    lookup_user("postgres").map(Some).ok_or_else(|| {
-        "running as root, but there is no `postgres` system user to run PostgreSQL as \
-         (PostgreSQL refuses to run as root)"
-            .to_owned()
-    })
-}
-
-/// uid/gid of the account `name`, via the thread-safe getpwnam_r.
-fn lookup_user(name: &str) -> Option<OsUser> {
-    let name = CString::new(name).ok()?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: `passwd` is plain old data; getpwnam_r fills it in, pointing into `buf`,
-    // which outlives every use of `entry`.
-    unsafe {
-        let mut passwd: libc::passwd = std::mem::zeroed();
-        let mut entry: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwnam_r(
-            name.as_ptr(),
-            &mut passwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut entry,
-        );
-        if rc != 0 || entry.is_null() {
-            return None;
-        }
-        Some(OsUser {
-            uid: (*entry).pw_uid,
-            gid: (*entry).pw_gid,
-        })
-    }
-}
-
-/// A command for a server-side binary: runs as `user` (if given) in `cwd`, without
-/// PG* environment variables from the developer's shell.
-fn server_command(program: &Path, cwd: &Path, user: Option<OsUser>) -> Command {
-    let mut command = clean_env(Command::new(program));
-    command.current_dir(cwd);
-    if let Some(user) = user {
-        // std also drops supplementary groups when switching away from root.
-        command.uid(user.uid).gid(user.gid);
-    }
-    command
-}
-
-/// Removes PG* variables (PGHOST, PGSSLMODE, ...) that could change what a tool does.
-fn clean_env(mut command: Command) -> Command {
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PG") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
-/// `$EPHEMERA_PG_BINDIR`, else `pg_config --bindir` if it has initdb, else the default.
+/// `$EPHEMERA_PG_BINDIR`, else where `ephemera dev` finds the binaries.
 fn find_bin_dir() -> Result<PathBuf, String> {
-    let has_initdb = |dir: &Path| dir.join("initdb").is_file();
-    if let Some(dir) = std::env::var_os("EPHEMERA_PG_BINDIR") {
-        let dir = PathBuf::from(dir);
-        return if has_initdb(&dir) {
-            Ok(dir)
-        } else {
-            Err(format!(
-                "EPHEMERA_PG_BINDIR={} has no initdb",
-                dir.display()
-            ))
-        };
-    }
-    if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
-        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-        if output.status.success() && has_initdb(&dir) {
-            return Ok(dir);
-        }
-    }
-    let dir = PathBuf::from(FALLBACK_BIN_DIR);
-    if has_initdb(&dir) {
+    let Some(dir) = std::env::var_os("EPHEMERA_PG_BINDIR") else {
+        return cluster::find_bin_dir().map_err(|e| e.to_string());
+    };
+    let dir = PathBuf::from(dir);
+    if dir.join("initdb").is_file() {
         Ok(dir)
     } else {
         Err(format!(
-            "no PostgreSQL server binaries found (tried $EPHEMERA_PG_BINDIR, pg_config --bindir, {FALLBACK_BIN_DIR})"
+            "EPHEMERA_PG_BINDIR={} has no initdb",
+            dir.display()
         ))
     }
 }
@@ -733,9 +438,7 @@ fn find_bin_dir() -> Result<PathBuf, String> {
 /// not reach it or the socket path would be too long (max 107 bytes), then `/tmp`.
 fn parent_dir() -> PathBuf {
     let tmp = std::env::temp_dir();
-    let world_searchable = fs::metadata(&tmp)
-        .map(|m| m.permissions().mode() & 0o001 != 0)
-        .unwrap_or(false);
+    let world_searchable = cluster::reachable_by_others(&tmp.join(DIR_PREFIX));
     // "<tmp>/ephemera-pg-XXXXXX/.s.PGSQL.65535" must fit in sun_path.
     let short_enough = tmp.as_os_str().len() + 40 < 100;
     if world_searchable && short_enough {
@@ -773,9 +476,11 @@ fn remove_stale_dirs() {
 /// Whether process `pid` exists and is not a zombie (a killed postmaster whose new
 /// parent does not reap it stays a zombie, e.g. in containers).
 fn process_alive(pid: libc::pid_t) -> bool {
-    // SAFETY: signal 0 only checks whether the process exists.
-    let exists = unsafe { libc::kill(pid, 0) } == 0
-        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    // No signal: only checks whether the process exists.
+    let exists = matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Ok(()) | Err(nix::errno::Errno::EPERM)
+    );
     // /proc/<pid>/stat is "pid (comm) STATE ...".
     let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -785,19 +490,6 @@ fn process_alive(pid: libc::pid_t) -> bool {
         })
         .unwrap_or(false);
     exists && !zombie
-}
-
-/// A currently free TCP port on 127.0.0.1 (free when we looked, anyway).
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(|e| format!("finding a free port: {e}"))
-}
-
-/// A path as a postgresql.conf string literal.
-fn conf_quote(path: &Path) -> String {
-    format!("'{}'", path.to_string_lossy().replace('\'', "''"))
 }
 
 /// Reads `path` from byte `offset` to the end, lossily as UTF-8 ("" if unreadable).

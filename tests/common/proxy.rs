@@ -492,8 +492,9 @@ pub async fn spawn_binary(
 /// Send `signal` to a child process.
 pub fn signal(child: &tokio::process::Child, signal: i32) {
     let pid = child.id().expect("the child is running") as i32;
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(pid, signal) };
+    let signal = nix::sys::signal::Signal::try_from(signal).expect("a signal number");
+    // Our own child process.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signalling a child");
 }
 
 /// Like [`TestProxy::start`], with `extra_toml` appended to `config.toml`
