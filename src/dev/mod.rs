@@ -23,6 +23,7 @@ pub use self::options::{DevError, DevOptions, DEMO_DATABASE, DEMO_TABLE};
 use self::pki::{DevCerts, ADMIN, APP, JOB, TRUST_DOMAIN};
 use self::upstream::Upstream;
 
+/// A prepared environment; stops the cluster it started when dropped.
 #[derive(Debug)]
 pub struct DevEnvironment {
     pub dir: PathBuf,

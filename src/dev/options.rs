@@ -36,8 +36,6 @@ pub enum DevError {
     Setup(String),
 }
 
-/// A prepared environment; stops the cluster it started when dropped.
-
 /// Read a file the cluster or the CA wrote.
 pub(super) fn read(path: &Path) -> Result<String, ClusterError> {
     std::fs::read_to_string(path).map_err(|source| ClusterError::Io {
