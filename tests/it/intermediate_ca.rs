@@ -3,7 +3,7 @@
 //! sign certificates (present without keyCertSign, RFC 5280). Refused on the
 //! PostgreSQL port with 28000 and on the admin API with 403, both saying why.
 
-mod common;
+use crate::common;
 
 use common::proxy::{
     admin_client, role_prefix, roles_with_prefix, ProxyOptions, TestProxy, BILLING_ID, DATABASE,

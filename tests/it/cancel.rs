@@ -1,7 +1,7 @@
 //! Cancel requests: libpq's PQcancel (plaintext, no certificate, before
 //! PostgreSQL 17) and over TLS; psql's Ctrl-C; a wrong key does nothing.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

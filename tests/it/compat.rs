@@ -6,7 +6,7 @@
 //! The Python and Node clients live in `tests/clients/`; `.ci/run` installs
 //! what they need (`psycopg[binary]`, `npm ci` in `tests/clients/node`).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

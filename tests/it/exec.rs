@@ -2,7 +2,7 @@
 //! credentials in PG* variables, renewed while it runs and revoked when it
 //! exits, against an in-process proxy and the real PostgreSQL.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Output, Stdio};

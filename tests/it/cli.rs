@@ -1,6 +1,6 @@
 //! The admin CLI against a running proxy: `ephemera revoke`, `leases`, `creds`.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! code) and a message that says what to do; nothing is created upstream;
 //! and the next good client still gets in.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! `ephemera check-config`: the annotated example passes (given its files),
 //! and broken configurations are each reported with their key path, exit 1.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! CAs and Ephemera's own (short-lived) certificate; a reload (SIGHUP) picks
 //! both up for new connections, on the PostgreSQL port and the admin API.
 
-mod common;
+use crate::common;
 
 use common::proxy::{admin_client, ProxyOptions, TestProxy, ADMIN_ID, BILLING_ID, DATABASE};
 use common::{make_tls_connect, TestCa, TestCert};

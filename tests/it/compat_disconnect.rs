@@ -2,7 +2,7 @@
 //! mid-COPY or mid-query leaves no role behind and does not disturb the
 //! other sessions.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

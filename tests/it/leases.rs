@@ -2,7 +2,7 @@
 //! revocation, standalone credentials, the admin API's authorisation, the
 //! audit log and metrics.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! forked child: from outside, as root, a non-dumpable process looks the
 //! same.)
 
-mod common;
+use crate::common;
 
 use common::proxy::{free_port, signal, spawn_binary, ProxyFiles, ProxyOptions};
 

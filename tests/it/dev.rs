@@ -2,7 +2,7 @@
 //! admin sees the live session's lease, Ctrl-C stops everything and leaves
 //! no role, and a second run reuses the CA and the cluster.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Stdio;

@@ -3,7 +3,7 @@
 //! a 4xx status, never a panic (empty reply) or axum's plain text, and the
 //! server goes on serving.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

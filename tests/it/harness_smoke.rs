@@ -1,7 +1,7 @@
 //! Proves the shared test harness in `tests/common` works: the PostgreSQL cluster
 //! starts, speaks TLS, enforces passwords and logs statements; the PKI makes SVIDs.
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, Ipv4Addr};
 

@@ -2,7 +2,7 @@
 //! (`[tls.federation]`). Its SVIDs must chain to that bundle, and its CA
 //! cannot vouch for the home domain's identities (nor the home CA for its).
 
-mod common;
+use crate::common;
 
 use common::proxy::{start_proxy_with_extra_config, ProxyOptions, TestProxy, BILLING_ID, DATABASE};
 use common::{TestCa, TestCert};

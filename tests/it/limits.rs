@@ -2,7 +2,7 @@
 //! and identities that create sessions too fast. Each test checks that the
 //! good client still gets in.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
