@@ -1,5 +1,5 @@
 //! Shared test harness for Ephemera's integration tests. Use it from a test file with
-//! `mod common;`.
+//! `mod common;` (from a module of `tests/it/`: `use crate::common;`).
 //!
 //! * [`pg`]: one real PostgreSQL 15 cluster per test binary ([`cluster()`]), with
 //!   SCRAM authentication, TLS and statement logging.

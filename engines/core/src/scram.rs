@@ -451,7 +451,7 @@ mod tests {
         );
     }
 
-    // `from_password` is checked end to end in tests/leases.rs: libpq and
+    // `from_password` is checked end to end in tests/it/leases.rs: libpq and
     // tokio-postgres, with their own PBKDF2, log in with the password.
 
     #[test]

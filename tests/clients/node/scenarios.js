@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// node-postgres scenarios of Ephemera's compatibility suite (tests/compat.rs).
+// node-postgres scenarios of Ephemera's compatibility suite (tests/it/compat.rs).
 //
 // Usage: node scenarios.js '<json>' where the JSON is {"a": ENDPOINT, "b": ENDPOINT}
 // and an ENDPOINT has host, port, user, dbname, sslmode, sslrootcert and either

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""psycopg 3 AsyncConnection scenarios (tests/compat.rs, issue 12).
+"""psycopg 3 AsyncConnection scenarios (tests/it/compat.rs, issue 12).
 
 Async libpq clients (non-blocking mode) hung on TLS records bigger than the
 8 KiB PostgreSQL sends: wide rows and COPY TO STDOUT. The told backend pid

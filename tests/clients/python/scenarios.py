@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""psycopg 3 scenarios of Ephemera's compatibility suite (tests/compat.rs).
+"""psycopg 3 scenarios of Ephemera's compatibility suite (tests/it/compat.rs).
 
 Usage: scenarios.py '<json>' where the JSON is {"a": ENDPOINT, "b": ENDPOINT}
 and an ENDPOINT has host, port, user, dbname, sslmode, sslrootcert and either

@@ -3,7 +3,7 @@
 //! cannot vouch for the home domain's identities (nor the home CA for its).
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use common::proxy::{start_proxy_with_extra_config, ProxyOptions, TestProxy, BILLING_ID, DATABASE};
 use common::{TestCa, TestCert};

@@ -3,7 +3,7 @@
 //! both up for new connections, on the PostgreSQL port and the admin API.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use common::proxy::{admin_client, ProxyOptions, TestProxy, ADMIN_ID, BILLING_ID, DATABASE};
 use common::{make_tls_connect, TestCa, TestCert};

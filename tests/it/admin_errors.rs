@@ -4,7 +4,7 @@
 //! server goes on serving.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //! audit log and metrics.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! exhaustion) have test binaries of their own.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -352,7 +352,7 @@ async fn backend_key_data_carries_the_real_pid() {
     let answer = read_messages(&mut tls).await;
     assert_eq!(rows(&answer), vec![told.to_string()]);
     // And the secret is not the server's: the server log has no way to
-    // tell, but the cancel path needs ours (tests/cancel.rs).
+    // tell, but the cancel path needs ours (tests/it/cancel.rs).
     drop(tls);
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await);
     assert!(roles_with_prefix(&role_prefix(template)).await.is_empty());

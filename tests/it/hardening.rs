@@ -5,7 +5,7 @@
 //! same.)
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use common::proxy::{free_port, signal, spawn_binary, ProxyFiles, ProxyOptions};
 

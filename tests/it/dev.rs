@@ -3,7 +3,7 @@
 //! no role, and a second run reuses the CA and the cluster.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Stdio;

@@ -1,7 +1,7 @@
 //! The admin CLI against a running proxy: `ephemera revoke`, `leases`, `creds`.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

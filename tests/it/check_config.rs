@@ -2,7 +2,7 @@
 //! and broken configurations are each reported with their key path, exit 1.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

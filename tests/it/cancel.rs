@@ -2,7 +2,7 @@
 //! PostgreSQL 17) and over TLS; psql's Ctrl-C; a wrong key does nothing.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! good client still gets in.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! PostgreSQL port with 28000 and on the admin API with 403, both saying why.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use common::proxy::{
     admin_client, role_prefix, roles_with_prefix, ProxyOptions, TestProxy, BILLING_ID, DATABASE,

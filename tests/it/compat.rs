@@ -7,7 +7,7 @@
 //! what they need (`psycopg[binary]`, `npm ci` in `tests/clients/node`).
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -2,7 +2,7 @@
 //! starts, speaks TLS, enforces passwords and logs statements; the PKI makes SVIDs.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, Ipv4Addr};
 
