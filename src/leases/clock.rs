@@ -202,15 +202,9 @@ pub(super) fn renewed_elsewhere(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::config::TemplateSettings;
-    use crate::policy::{IdPattern, Policy, PolicyRule};
-
-    const APP: &str = "spiffe://example.org/app";
-    const TTL: Duration = Duration::from_secs(60);
-    const MAX_TTL: Duration = Duration::from_secs(300);
+    use crate::leases::tests::{rules, APP, TTL};
+    use crate::policy::Policy;
 
     fn t0() -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("a valid timestamp")
@@ -218,26 +212,6 @@ mod tests {
 
     fn at(seconds: i64) -> OffsetDateTime {
         t0() + time::Duration::seconds(seconds)
-    }
-
-    /// Template `t` (ttl 60 s, max_ttl 300 s), which only [`APP`] may use.
-    fn rules() -> Rules {
-        let templates = BTreeMap::from([(
-            "t".to_owned(),
-            TemplateSettings {
-                database: "db".into(),
-                ttl: TTL,
-                max_ttl: MAX_TTL,
-            },
-        )]);
-        let rule = PolicyRule {
-            pattern: IdPattern::parse(APP).expect("a valid pattern"),
-            templates: vec!["t".into()],
-        };
-        Rules {
-            templates,
-            policy: Policy::new(vec![rule]),
-        }
     }
 
     /// A lease of template `t` for [`APP`], issued at `t0()` and not

@@ -21,10 +21,11 @@ use crate::identity::SpiffeId;
 use crate::ops::audit::AuditLog;
 use crate::policy::{IdPattern, Policy, PolicyRule};
 
-const APP: &str = "spiffe://example.org/app";
+/// The identity the test template is for (shared with the clock's tests).
+pub(super) const APP: &str = "spiffe://example.org/app";
 const ADMIN: &str = "spiffe://example.org/admin";
-const TTL: Duration = Duration::from_secs(60);
-const MAX_TTL: Duration = Duration::from_secs(300);
+pub(super) const TTL: Duration = Duration::from_secs(60);
+pub(super) const MAX_TTL: Duration = Duration::from_secs(300);
 /// Long enough for any revocation of the fake engine.
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -191,7 +192,7 @@ impl Engine for FakeEngine {
 }
 
 /// Template `t` (ttl 60 s, max_ttl 300 s), which only [`APP`] may use.
-fn manager(engine: &Arc<FakeEngine>, bind_to_svid: bool) -> Arc<LeaseManager> {
+pub(super) fn rules() -> Rules {
     let templates = BTreeMap::from([(
         "t".to_owned(),
         TemplateSettings {
@@ -204,10 +205,15 @@ fn manager(engine: &Arc<FakeEngine>, bind_to_svid: bool) -> Arc<LeaseManager> {
         pattern: IdPattern::parse(APP).expect("a valid pattern"),
         templates: vec!["t".into()],
     };
-    let rules: SharedRules = Arc::new(RwLock::new(Arc::new(Rules {
+    Rules {
         templates,
         policy: Policy::new(vec![rule]),
-    })));
+    }
+}
+
+/// A manager over `engine` with [`rules`].
+fn manager(engine: &Arc<FakeEngine>, bind_to_svid: bool) -> Arc<LeaseManager> {
+    let rules: SharedRules = Arc::new(RwLock::new(Arc::new(rules())));
     LeaseManager::new(
         engine.clone(),
         rules,
