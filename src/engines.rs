@@ -116,16 +116,22 @@ impl EnginesConfig {
         }
     }
 
+    /// The engines that have templates, each once.
+    pub fn with_templates(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> =
+            self.templates.templates.iter().map(|(e, _)| *e).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
     /// The engines that have templates, and always the default one (it
     /// keeps the ledger of earlier configurations reaped).
     fn in_use(&self) -> Vec<&'static str> {
-        let mut names: Vec<&'static str> =
-            self.templates.templates.iter().map(|(e, _)| *e).collect();
-        if self.registry.get(DEFAULT_ENGINE).is_some() {
+        let mut names = self.with_templates();
+        if self.registry.get(DEFAULT_ENGINE).is_some() && !names.contains(&DEFAULT_ENGINE) {
             names.push(DEFAULT_ENGINE);
         }
-        names.sort_unstable();
-        names.dedup();
         names
     }
 }
@@ -234,8 +240,12 @@ impl Engine for Engines {
     }
 
     async fn revoke_many(&self, leases: &[Lease]) -> Vec<Result<RevokeOutcome, EngineError>> {
-        let mut results: Vec<Option<Result<RevokeOutcome, EngineError>>> =
-            leases.iter().map(|_| None).collect();
+        // A lease of an engine that is not running gets that error; the
+        // others are revoked in one batch per engine.
+        let mut results: Vec<Option<Result<RevokeOutcome, EngineError>>> = leases
+            .iter()
+            .map(|lease| self.by_name(lease.engine).err().map(Err))
+            .collect();
         for (name, engine) in &self.engines {
             let (indexes, batch): (Vec<usize>, Vec<Lease>) = leases
                 .iter()
@@ -252,13 +262,7 @@ impl Engine for Engines {
         }
         results
             .into_iter()
-            .zip(leases)
-            .map(|(result, lease)| {
-                result.unwrap_or_else(|| {
-                    self.by_name(lease.engine)
-                        .map(|_| RevokeOutcome::AlreadyGone)
-                })
-            })
+            .map(|result| result.expect("every lease has its engine's result or an error"))
             .collect()
     }
 

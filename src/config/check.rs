@@ -26,16 +26,8 @@ fn problems(found: Vec<KeyProblem>) -> impl Iterator<Item = ConfigProblem> {
 /// Run the preflight of every engine that has templates.
 pub async fn check_upstream(settings: &Settings) -> UpstreamCheck {
     let engines = &settings.engines;
-    let mut names: Vec<&'static str> = engines
-        .templates
-        .templates
-        .iter()
-        .map(|(e, _)| *e)
-        .collect();
-    names.sort_unstable();
-    names.dedup();
     let mut check = UpstreamCheck::default();
-    for name in names {
+    for name in engines.with_templates() {
         let Some(kind) = engines.registry.get(name) else {
             continue;
         };

@@ -62,9 +62,10 @@ impl UpstreamSettings {
     }
 }
 
-/// libpq's rule: a host that starts with `/` is a socket directory.
+/// libpq's rule: a host that starts with `/` is a socket directory (one
+/// rule for the proxy and the engines: [`ephemera_engine::Upstream`]).
 pub(crate) fn is_unix_socket_dir(host: &str) -> bool {
-    host.starts_with('/')
+    ephemera_engine::Upstream::is_unix_socket_dir(host)
 }
 
 /// What the proxy needs to know about a template (the engine has the rest).

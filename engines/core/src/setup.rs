@@ -29,6 +29,26 @@ pub struct Upstream {
     pub connect_timeout: Duration,
 }
 
+impl Upstream {
+    /// libpq's rule: a host that starts with `/` is the directory holding
+    /// the Unix-domain socket `.s.PGSQL.<port>`.
+    pub fn is_unix_socket_dir(host: &str) -> bool {
+        host.starts_with('/')
+    }
+
+    /// `host:port`, or the socket file's path, for messages.
+    pub fn address(&self) -> String {
+        if Self::is_unix_socket_dir(&self.host) {
+            std::path::Path::new(&self.host)
+                .join(format!(".s.PGSQL.{}", self.port))
+                .display()
+                .to_string()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")

@@ -8,7 +8,7 @@
 //! the key it concerns and what to do; a query that fails says so, with the
 //! server's message, rather than passing for "does not exist".
 
-use ephemera_engine::{AdminLogin, EngineSetup, KeyProblem, Preflight, Upstream};
+use ephemera_engine::{AdminLogin, EngineSetup, KeyProblem, Preflight};
 use tokio_postgres::Client;
 
 use crate::{admin, election, role_templates, RoleTemplate};
@@ -38,14 +38,6 @@ pub(crate) async fn preflight(setup: &EngineSetup) -> Preflight {
     check
 }
 
-fn address(upstream: &Upstream) -> String {
-    if upstream.host.starts_with('/') {
-        format!("{}/.s.PGSQL.{}", upstream.host, upstream.port)
-    } else {
-        format!("{}:{}", upstream.host, upstream.port)
-    }
-}
-
 async fn check_admin_and_templates(
     setup: &EngineSetup,
     templates: &[RoleTemplate],
@@ -65,7 +57,7 @@ async fn check_admin_and_templates(
                 "upstream",
                 format!(
                     "cannot log in to {} (database {:?}) as {:?}: {e}; check upstream.host, port, sslmode, admin_user and admin_password_file, and that PostgreSQL is running",
-                    address(&setup.upstream), admin.database, admin.user
+                    setup.upstream.address(), admin.database, admin.user
                 ),
             )];
         }
@@ -80,7 +72,7 @@ async fn check_admin_and_templates(
         client: &client,
         admin,
         version,
-        address: address(&setup.upstream),
+        address: setup.upstream.address(),
     };
     for template in templates {
         checker.template(template, &mut problems).await;
@@ -232,44 +224,52 @@ impl Checker<'_> {
     }
 
     async fn group(&self, key: &str, group: &str, problems: &mut Vec<KeyProblem>) {
-        let role_exists = "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1";
-        match self.exists(role_exists, group, key, problems).await {
-            Some(false) => problems.push(KeyProblem::new(
-                key,
-                format!("group role {group:?} does not exist; run: CREATE ROLE \"{group}\" NOLOGIN, and grant it the privileges sessions need"),
-            )),
-            Some(true) if self.version >= 160_000 => {
-                let admin_option = "SELECT 1 WHERE pg_catalog.pg_has_role(current_user, $1, 'MEMBER WITH ADMIN OPTION')";
-                if self.exists(admin_option, group, key, problems).await == Some(false) {
-                    problems.push(KeyProblem::new(
-                        key,
-                        format!("PostgreSQL 16+ needs ADMIN OPTION to grant {group:?}; run: GRANT \"{group}\" TO \"{}\" WITH ADMIN OPTION", self.admin.user),
-                    ));
-                }
-            }
-            _ => {}
-        }
+        let missing = format!("group role {group:?} does not exist; run: CREATE ROLE \"{group}\" NOLOGIN, and grant it the privileges sessions need");
+        // PostgreSQL 16+ grants a role only with ADMIN OPTION on it.
+        let needs = (self.version >= 160_000).then(|| Membership {
+            sql: "SELECT 1 WHERE pg_catalog.pg_has_role(current_user, $1, 'MEMBER WITH ADMIN OPTION')",
+            fix: format!("PostgreSQL 16+ needs ADMIN OPTION to grant {group:?}; run: GRANT \"{group}\" TO \"{}\" WITH ADMIN OPTION", self.admin.user),
+        });
+        self.role(key, group, missing, needs, problems).await;
     }
 
     async fn owner(&self, key: &str, owner: &str, problems: &mut Vec<KeyProblem>) {
+        let missing = format!("role {owner:?} does not exist; create it or remove `owner`");
+        let needs = Some(Membership {
+            sql: "SELECT 1 WHERE pg_catalog.pg_has_role(current_user, $1, 'MEMBER')",
+            fix: format!("REASSIGN OWNED to {owner:?} needs the admin role to be a member; run: GRANT \"{owner}\" TO \"{}\"", self.admin.user),
+        });
+        self.role(key, owner, missing, needs, problems).await;
+    }
+
+    /// Does `role` exist, and (if it does) has the admin role the
+    /// membership `needs` asks for? Each "no" is a problem under `key`.
+    async fn role(
+        &self,
+        key: &str,
+        role: &str,
+        missing: String,
+        needs: Option<Membership>,
+        problems: &mut Vec<KeyProblem>,
+    ) {
         let role_exists = "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1";
-        match self.exists(role_exists, owner, key, problems).await {
-            Some(false) => problems.push(KeyProblem::new(
-                key,
-                format!("role {owner:?} does not exist; create it or remove `owner`"),
-            )),
+        match self.exists(role_exists, role, key, problems).await {
+            Some(false) => problems.push(KeyProblem::new(key, missing)),
             Some(true) => {
-                let member = "SELECT 1 WHERE pg_catalog.pg_has_role(current_user, $1, 'MEMBER')";
-                if self.exists(member, owner, key, problems).await == Some(false) {
-                    problems.push(KeyProblem::new(
-                        key,
-                        format!("REASSIGN OWNED to {owner:?} needs the admin role to be a member; run: GRANT \"{owner}\" TO \"{}\"", self.admin.user),
-                    ));
+                let Some(needs) = needs else { return };
+                if self.exists(needs.sql, role, key, problems).await == Some(false) {
+                    problems.push(KeyProblem::new(key, needs.fix));
                 }
             }
             None => {}
         }
     }
+}
+
+/// A membership the admin role needs in a role, and what to run if not.
+struct Membership {
+    sql: &'static str,
+    fix: String,
 }
 
 /// What the owner may do, on the template's database, that the groups may
