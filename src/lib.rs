@@ -20,7 +20,8 @@
 //! | audit log, metrics, limits, process hardening | [`ops`] |
 //! | `ephemera dev`: a throwaway cluster, a dev CA, a running proxy | [`dev`] |
 //!
-//! [`server`] builds the shared state and runs the listeners.
+//! [`server`] builds the shared state and runs the listeners; [`workers`]
+//! are the session threads it hands connections to.
 
 #![forbid(unsafe_code)]
 
@@ -35,6 +36,7 @@ pub mod policy;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod workers;
 
 pub use config::Settings;
 pub use server::Server;

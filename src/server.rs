@@ -10,7 +10,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use ephemera_engine::Engine;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
@@ -23,6 +23,7 @@ use crate::session::cancel::CancelMap;
 use crate::session::services::Services;
 use crate::session::{self, front_door};
 use crate::tls::{SharedTls, TlsMaterial};
+use crate::workers::{WorkerLoad, Workers};
 
 /// How long shutdown waits for leases to be revoked.
 const SHUTDOWN_REVOKE_DEADLINE: Duration = Duration::from_secs(15);
@@ -36,6 +37,8 @@ pub enum ServeError {
     },
     #[error("cannot set up the engine: {0}")]
     Engine(#[from] ephemera_engine::EngineError),
+    #[error("cannot start the session threads: {0}")]
+    Workers(std::io::Error),
     #[error("cannot open the audit log {path}: {source}")]
     Audit {
         path: PathBuf,
@@ -164,6 +167,7 @@ impl Server {
             max_connections: settings.max_connections,
             issue_limiter: issue_limiter.clone(),
             refusal_events: crate::ops::limits::RefusalEvents::default(),
+            workers: WorkerLoad::new(settings.workers),
         });
         let admin = match (settings.admin, admin_listener) {
             (Some(admin), Some(listener)) => Some(AdminServer::new(
@@ -224,7 +228,21 @@ impl Server {
     /// Accept connections until `shutdown` completes; then stop accepting,
     /// revoke every lease (which terminates the sessions' backends) and
     /// wait for the revocations.
+    ///
+    /// Sessions run on their own threads ([`Workers`]); this future runs
+    /// the accept loop, the admin API, the lease clock and the reaper.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let workers = match Workers::start(self.services.workers.clone()) {
+            Ok(workers) => workers,
+            Err(error) => {
+                tracing::error!(error = %ServeError::Workers(error), "ephemera cannot serve");
+                return;
+            }
+        };
+        self.serve_on(workers, shutdown).await;
+    }
+
+    async fn serve_on(self, workers: Workers, shutdown: impl Future<Output = ()>) {
         let Server {
             listener,
             services,
@@ -261,7 +279,14 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         backoff.reset();
-                        connections.spawn(handle_connection(services.clone(), tcp, peer));
+                        // Leave this thread's reactor; the worker's takes it.
+                        match tcp.into_std() {
+                            Ok(tcp) => {
+                                let session = connections.track_future(handle_connection(services.clone(), tcp, peer));
+                                workers.spawn(move |_| session);
+                            }
+                            Err(error) => tracing::warn!(%error, client_addr = %peer, "cannot hand a connection to a session thread"),
+                        }
                     }
                     Err(error) => {
                         // Typically out of file descriptors: back off, keep serving.
@@ -288,6 +313,7 @@ impl Server {
         }
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
+        workers.stop().await;
         tracing::info!("ephemera stopped");
     }
 }
@@ -328,7 +354,15 @@ where
     }
 }
 
-async fn handle_connection(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr) {
+/// One connection, on its session thread.
+async fn handle_connection(services: Arc<Services>, tcp: std::net::TcpStream, peer: SocketAddr) {
+    let tcp = match tokio::net::TcpStream::from_std(tcp) {
+        Ok(tcp) => tcp,
+        Err(error) => {
+            tracing::warn!(%error, client_addr = %peer, "cannot register a connection");
+            return;
+        }
+    };
     let _ = tcp.set_nodelay(true);
     if let Some(admitted) = front_door::admit_within_timeout(&services, tcp, peer).await {
         session::run(services, admitted, peer).await;

@@ -65,7 +65,7 @@ pub fn check_config(path: &Path, connect: bool) -> ExitCode {
 /// `ephemera serve`: serve until Ctrl-C/SIGTERM.
 pub fn serve(config: PathBuf) -> anyhow::Result<()> {
     let settings = Settings::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = control_runtime()?;
     runtime.block_on(async {
         let server = Server::bind(settings).await?;
         server.serve(shutdown_signal()).await;
@@ -76,7 +76,7 @@ pub fn serve(config: PathBuf) -> anyhow::Result<()> {
 /// `ephemera dev`: prepare, serve until Ctrl-C/SIGTERM, revoke every lease,
 /// stop the cluster.
 pub fn dev(options: ephemera::dev::DevOptions) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = control_runtime()?;
     let progress = |step: &str| eprintln!("==> {step}");
     runtime.block_on(async {
         let environment = ephemera::dev::prepare(&options, &progress).await?;
@@ -93,6 +93,17 @@ pub fn dev(options: ephemera::dev::DevOptions) -> anyhow::Result<()> {
         eprintln!("==> stopped");
         Ok(())
     })
+}
+
+/// The runtime for the accept loop, the admin API, the lease clock and the
+/// reaper. Sessions get threads of their own (`listen.workers`), so this
+/// one needs a single thread.
+fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("ephemera-control")
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// Ctrl-C or SIGTERM.

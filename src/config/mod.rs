@@ -110,6 +110,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Session threads (`listen.workers`), resolved: at least 1.
+    pub workers: usize,
     pub server_tls: Arc<rustls::ServerConfig>,
     pub svid_verifier: Arc<SvidVerifier>,
     pub upstream: UpstreamSettings,

@@ -62,6 +62,11 @@ pub struct ListenSection {
     /// Relayed sessions at once; past it, new clients get 53300.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Threads that serve sessions, each with its own single-threaded
+    /// runtime; a session lives its whole life on one. Default: the
+    /// number of cores.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

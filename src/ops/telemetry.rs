@@ -37,6 +37,7 @@ pub const BACKGROUND_TASK_FAILURES: &str = "ephemera_background_task_failures_to
 pub const REFUSAL_EVENTS_SUPPRESSED: &str = "ephemera_refusal_events_suppressed_total";
 pub const AUDIT_WRITE_FAILURES: &str = "ephemera_audit_write_failures_total";
 pub const AUDIT_EVENTS_DROPPED: &str = "ephemera_audit_events_dropped_total";
+pub const WORKER_CONNECTIONS: &str = "ephemera_worker_connections_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -81,6 +82,10 @@ fn describe() {
         "Leases that reached their TTL, max TTL or SVID expiry"
     );
     metrics::describe_counter!(DENIALS, "Connections refused");
+    metrics::describe_counter!(
+        WORKER_CONNECTIONS,
+        "Connections handed to each session thread (listen.workers)"
+    );
     metrics::describe_histogram!(
         HANDSHAKE_SECONDS,
         "Accept to admitted identity (TLS and startup)"

@@ -7,6 +7,7 @@
 pub mod cancel;
 pub mod front_door;
 pub mod protocol;
+pub mod quiet_socket;
 pub mod refusal;
 pub mod relay;
 pub mod services;

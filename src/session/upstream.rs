@@ -23,6 +23,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::UpstreamSettings;
 use crate::session::protocol::{error_fields, CancelKey};
+use crate::session::quiet_socket::QuietUnixStream;
 
 /// The largest message accepted from the upstream during login.
 const MAX_LOGIN_MESSAGE_LEN: usize = 64 * 1024;
@@ -31,8 +32,9 @@ const MAX_LOGIN_MESSAGE_LEN: usize = 64 * 1024;
 pub enum UpstreamStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-    /// A Unix-domain socket on the same host (no TLS there).
-    Unix(UnixStream),
+    /// A Unix-domain socket on the same host (no TLS there), registered
+    /// for the readiness the relay waits on only.
+    Unix(QuietUnixStream),
 }
 
 impl AsyncRead for UpstreamStream {
@@ -149,6 +151,7 @@ pub async fn connect(settings: &UpstreamSettings) -> Result<UpstreamStream, Upst
             .map_err(|_| UpstreamError::ConnectTimeout {
                 address: address.clone(),
             })?
+            .and_then(QuietUnixStream::new)
             .map_err(|source| UpstreamError::Connect { address, source })?;
         return Ok(UpstreamStream::Unix(unix));
     }

@@ -61,6 +61,7 @@ pub(crate) fn settings(
                 listen,
                 handshake_timeout: file.listen.handshake_timeout,
                 max_connections: file.listen.max_connections,
+                workers: lease::workers(&file),
                 server_tls,
                 svid_verifier,
                 upstream: UpstreamSettings {
