@@ -159,17 +159,21 @@ mod tests {
         let mut ours = QuietUnixStream::new(ours).unwrap();
         let data: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
         let mut written = 0;
-        while let Some(n) = std::future::poll_fn(|cx| {
-            match Pin::new(&mut ours).poll_write(cx, &data[written..]) {
-                Poll::Pending => Poll::Ready(None),
-                Poll::Ready(n) => Poll::Ready(Some(n.unwrap())),
-            }
-        })
-        .await
+        while let Some(n) =
+            std::future::poll_fn(
+                |cx| match Pin::new(&mut ours).poll_write(cx, &data[written..]) {
+                    Poll::Pending => Poll::Ready(None),
+                    Poll::Ready(n) => Poll::Ready(Some(n.unwrap())),
+                },
+            )
+            .await
         {
             written += n;
         }
-        assert!(written < data.len(), "8 MiB cannot fit in the socket buffers");
+        assert!(
+            written < data.len(),
+            "8 MiB cannot fit in the socket buffers"
+        );
         assert!(ours.blocked_writer.is_some(), "parked on writability");
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
@@ -177,7 +181,10 @@ mod tests {
             got
         });
         ours.write_all(&data[written..]).await.unwrap();
-        assert!(ours.blocked_writer.is_none(), "writability is dropped again");
+        assert!(
+            ours.blocked_writer.is_none(),
+            "writability is dropped again"
+        );
         ours.shutdown().await.unwrap();
         let got = reader.await.unwrap();
         assert_eq!(got.len(), data.len());

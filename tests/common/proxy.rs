@@ -278,6 +278,8 @@ pub struct TestProxy {
     pub admin_addr: Option<SocketAddr>,
     /// Reloads templates and policy from `files.config_path` (as SIGHUP does).
     pub reloader: ephemera::server::Reloader,
+    /// How many connections each session thread was handed.
+    pub workers: ephemera::workers::WorkerLoad,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -304,6 +306,7 @@ impl TestProxy {
         let addr = server.local_addr();
         let admin_addr = server.admin_addr();
         let reloader = server.reloader();
+        let workers = server.services().workers.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
             let _ = rx.await;
@@ -313,6 +316,7 @@ impl TestProxy {
             addr,
             admin_addr,
             reloader,
+            workers,
             shutdown: Some(tx),
             task: Some(task),
         }

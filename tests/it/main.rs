@@ -17,6 +17,7 @@
 mod common;
 
 mod admin_errors;
+mod backpressure;
 mod cancel;
 mod check_config;
 mod cli;
@@ -37,3 +38,4 @@ mod proptest_protocol;
 mod refusals;
 mod review_attacks;
 mod rotation;
+mod workers;
