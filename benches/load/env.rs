@@ -214,6 +214,9 @@ pub struct Env {
     pub clients: Clients,
     pub ephemera: Option<Process>,
     pub ephemera_unix: Option<Process>,
+    /// The floor relay (`floor.rs`): plain TCP in, PostgreSQL's Unix socket out.
+    pub floor: Option<Process>,
+    pub floor_port: u16,
     pub pgbouncer: Option<Process>,
     pub pgbouncer_version: Option<String>,
     pub pg_version: String,
@@ -241,6 +244,7 @@ impl Env {
             ephemera: self.ephemera.as_ref().map(Process::pid),
             ephemera_unix: self.ephemera_unix.as_ref().map(Process::pid),
             pgbouncer: self.pgbouncer.as_ref().map(Process::pid),
+            floor: self.floor.as_ref().map(Process::pid),
         }
     }
 
@@ -277,6 +281,45 @@ impl Env {
             cert.display(),
             key.display()
         )
+    }
+
+    /// libpq conninfo through the floor relay (plain TCP; the password
+    /// login passes through it to PostgreSQL's Unix socket).
+    pub fn floor_conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={DIRECT_USER} dbname={DATABASE} sslmode=disable",
+            self.floor_port
+        )
+    }
+
+    /// Start the floor relay: this very executable, in its floor mode.
+    pub fn start_floor(&mut self) -> Result<(), Error> {
+        let socket = self
+            .local
+            .data_dir
+            .join(format!(".s.PGSQL.{}", self.pg_port));
+        let child = Command::new(std::env::current_exe()?)
+            .env(
+                crate::floor::FLOOR_RELAY_ENV,
+                format!("127.0.0.1:{}|{}", self.floor_port, socket.display()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut process = Process {
+            name: "floor relay",
+            child,
+            grace: Duration::from_secs(5),
+        };
+        if !wait_listening(self.floor_port, Duration::from_secs(10), || {
+            matches!(process.child.try_wait(), Ok(None))
+        }) {
+            process.stop();
+            return Err("the floor relay did not start listening".into());
+        }
+        self.floor = Some(process);
+        Ok(())
     }
 
     /// libpq conninfo to PgBouncer (session mode); `sslmode=disable` for
@@ -336,7 +379,8 @@ impl Env {
         let binary = std::env::var("EPHEMERA_BENCH_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ephemera").to_owned());
         let mut command = Command::new(&binary);
-        // An experiment knob: Ephemera's runtime honours TOKIO_WORKER_THREADS.
+        // An experiment knob for builds before thread-per-core (issue 14),
+        // whose work-stealing runtime honours TOKIO_WORKER_THREADS.
         if let Ok(workers) = std::env::var("EPHEMERA_BENCH_TOKIO_WORKERS") {
             command.env("TOKIO_WORKER_THREADS", workers);
         }
@@ -370,7 +414,7 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         // Ephemera first: it revokes its leases while PostgreSQL is still up.
-        for mut p in [self.ephemera.take(), self.ephemera_unix.take()]
+        for mut p in [self.ephemera.take(), self.ephemera_unix.take(), self.floor.take()]
             .into_iter()
             .flatten()
         {
@@ -545,6 +589,8 @@ pub fn prepare(rt: &tokio::runtime::Runtime, keep: bool) -> Result<Env, Error> {
         clients,
         ephemera: None,
         ephemera_unix: None,
+        floor: None,
+        floor_port: free_port(),
         pgbouncer: None,
         pgbouncer_version: None,
         pg_version,
@@ -589,6 +635,7 @@ pub fn prepare(rt: &tokio::runtime::Runtime, keep: bool) -> Result<Env, Error> {
     );
     env.start_ephemera()?;
     env.start_ephemera_unix()?;
+    env.start_floor()?;
 
     match ensure_pgbouncer() {
         Ok(bin) => match start_pgbouncer(&env, &bin) {
@@ -671,6 +718,7 @@ address = "127.0.0.1:{port}"
 handshake_timeout = "10s"
 # 1 000 idle sessions for the memory scenario, plus headroom.
 max_connections = 2000
+{workers}
 
 [tls]
 cert = "{server_cert}"
@@ -710,6 +758,10 @@ spiffe_id = "{app_id}"
 templates = ["{TEMPLATE}"]
 "#,
         pool_size = std::env::var("EPHEMERA_BENCH_POOL_SIZE").unwrap_or_else(|_| "4".into()),
+        // Session threads (default: one per core).
+        workers = std::env::var("EPHEMERA_BENCH_WORKERS")
+            .map(|n| format!("workers = {n}"))
+            .unwrap_or_default(),
         pg_port = env.pg_port,
         server_cert = certs.server_cert().display(),
         server_key = certs.server_key().display(),

@@ -19,7 +19,9 @@
 #![allow(unsafe_code)]
 
 mod env;
+mod floor;
 mod perf;
+mod relay;
 mod scenarios;
 mod stats;
 
@@ -30,8 +32,8 @@ use std::time::Instant;
 
 use stats::CpuSplit;
 
-pub const ALL_SCENARIOS: [&str; 7] = [
-    "memory", "connect", "pgbench", "copy", "storm", "revoke", "reaper",
+pub const ALL_SCENARIOS: [&str; 8] = [
+    "memory", "connect", "pgbench", "relay", "copy", "storm", "revoke", "reaper",
 ];
 
 #[derive(Debug, Clone)]
@@ -92,6 +94,12 @@ impl Options {
         if scenarios.is_empty() {
             scenarios = ALL_SCENARIOS.iter().map(|s| s.to_string()).collect();
         }
+        // --profile: CPU per transaction of each process, context switches
+        // and a perf profile per relay (the relay scenario, with perf on).
+        let profile = std::env::args().any(|a| a == "--profile");
+        if profile && !scenarios.iter().any(|s| s == "relay") {
+            scenarios.push("relay".into());
+        }
         for s in &scenarios {
             if !ALL_SCENARIOS.contains(&s.as_str()) {
                 eprintln!(
@@ -121,7 +129,7 @@ impl Options {
             revoke_sessions: var("EPHEMERA_BENCH_REVOKE", q(100, 20) as usize),
             reap_roles: var("EPHEMERA_BENCH_REAP", q(10_000, 1_000) as usize),
             idle_sessions: var("EPHEMERA_BENCH_IDLE", q(1000, 100) as usize),
-            perf: flag("EPHEMERA_BENCH_PERF"),
+            perf: profile || flag("EPHEMERA_BENCH_PERF"),
             keep: flag("EPHEMERA_BENCH_KEEP"),
             out_dir,
         }
@@ -143,6 +151,8 @@ pub struct Row {
 pub struct Report {
     pub rows: Vec<Row>,
     pub cpu: Vec<(String, CpuSplit)>,
+    /// Whole tables a scenario writes itself (markdown).
+    pub tables: Vec<String>,
     pub notes: Vec<String>,
 }
 
@@ -197,6 +207,9 @@ impl Report {
                 s.wall, s.postgres, s.ephemera, s.pgbouncer, s.client, s.machine
             );
         }
+        for table in &self.tables {
+            let _ = writeln!(out, "\n{table}");
+        }
         let _ = writeln!(out, "\nNotes:\n");
         for n in &self.notes {
             let _ = writeln!(out, "- {n}");
@@ -249,6 +262,7 @@ fn mode_line(options: &Options) -> String {
         "EPHEMERA_BENCH_BIN",
         "EPHEMERA_BENCH_POOL_SIZE",
         "EPHEMERA_BENCH_TOKIO_WORKERS",
+        "EPHEMERA_BENCH_WORKERS",
         "EPHEMERA_BENCH_UPSTREAM_SSLMODE",
         "EPHEMERA_BENCH_SECS",
     ] {
@@ -277,6 +291,8 @@ fn explain(e: &env::Error) -> String {
 }
 
 fn main() {
+    // Started by the harness as the floor relay: be that, nothing else.
+    floor::run_if_asked();
     let options = Options::from_env();
     let _ = std::fs::create_dir_all(&options.out_dir);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -308,6 +324,7 @@ fn main() {
                     "memory" => scenarios::memory(env_ref, opts, rep).await,
                     "connect" => scenarios::connect(env_ref, opts, rep).await,
                     "pgbench" => scenarios::pgbench(env_ref, opts, rep).await,
+                    "relay" => relay::relay(env_ref, opts, rep).await,
                     "copy" => scenarios::copy(env_ref, opts, rep).await,
                     "storm" => scenarios::storm(env_ref, opts, rep).await,
                     "revoke" => scenarios::revoke(env_ref, opts, rep).await,

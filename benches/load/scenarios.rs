@@ -378,7 +378,7 @@ fn latency_note(
 }
 
 /// "what: N syscalls per unit (name n, …)" from perf's syscall counts.
-fn syscall_note(what: &str, counts: &[(String, u64)], units: f64, unit: &str) -> String {
+pub fn syscall_note(what: &str, counts: &[(String, u64)], units: f64, unit: &str) -> String {
     let units = units.max(1.0);
     let total: u64 = counts.iter().map(|(_, n)| n).sum();
     let mut sorted = counts.to_vec();
@@ -782,14 +782,14 @@ pub async fn copy(env: &Env, options: &Options, report: &mut Report) -> Result<(
     Ok(())
 }
 
-struct StormResult {
-    ok: usize,
-    errors: usize,
-    error_kinds: BTreeMap<String, usize>,
-    wall: f64,
+pub struct StormResult {
+    pub ok: usize,
+    pub errors: usize,
+    pub error_kinds: BTreeMap<String, usize>,
+    pub wall: f64,
 }
 
-async fn run_storm(
+pub async fn run_storm(
     clients: &Clients,
     mode: Mode,
     concurrency: usize,

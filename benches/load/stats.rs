@@ -173,6 +173,7 @@ pub struct Pids {
     /// The second Ephemera (Unix-socket upstream); its CPU counts as Ephemera's.
     pub ephemera_unix: Option<u32>,
     pub pgbouncer: Option<u32>,
+    pub floor: Option<u32>,
 }
 
 impl CpuSnapshot {
@@ -217,6 +218,30 @@ impl CpuSnapshot {
 }
 
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
+/// One process's own CPU seconds (all its threads), if it is running.
+pub fn process_cpu(pid: Option<u32>) -> f64 {
+    pid.and_then(stat).map_or(0.0, |s| s.1)
+}
+
+/// Context switches (voluntary and not) of every thread of `pid`.
+pub fn context_switches(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     text.lines()
