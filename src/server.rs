@@ -10,7 +10,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use ephemera_engine::Engine;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
@@ -167,7 +167,8 @@ impl Server {
             max_connections: settings.max_connections,
             issue_limiter: issue_limiter.clone(),
             refusal_events: crate::ops::limits::RefusalEvents::default(),
-            workers: WorkerLoad::new(settings.workers),
+            relay_threads: Workers::start(WorkerLoad::new(settings.workers))
+                .map_err(ServeError::Workers)?,
         });
         let admin = match (settings.admin, admin_listener) {
             (Some(admin), Some(listener)) => Some(AdminServer::new(
@@ -229,20 +230,10 @@ impl Server {
     /// revoke every lease (which terminates the sessions' backends) and
     /// wait for the revocations.
     ///
-    /// Sessions run on their own threads ([`Workers`]); this future runs
-    /// the accept loop, the admin API, the lease clock and the reaper.
+    /// This future's runtime runs the accept loop, the handshakes, the
+    /// admin API, the lease clock and the reaper; established sessions are
+    /// relayed on the session threads ([`Workers`]).
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let workers = match Workers::start(self.services.workers.clone()) {
-            Ok(workers) => workers,
-            Err(error) => {
-                tracing::error!(error = %ServeError::Workers(error), "ephemera cannot serve");
-                return;
-            }
-        };
-        self.serve_on(workers, shutdown).await;
-    }
-
-    async fn serve_on(self, workers: Workers, shutdown: impl Future<Output = ()>) {
         let Server {
             listener,
             services,
@@ -279,14 +270,7 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         backoff.reset();
-                        // Leave this thread's reactor; the worker's takes it.
-                        match tcp.into_std() {
-                            Ok(tcp) => {
-                                let session = connections.track_future(handle_connection(services.clone(), tcp, peer));
-                                workers.spawn(move |_| session);
-                            }
-                            Err(error) => tracing::warn!(%error, client_addr = %peer, "cannot hand a connection to a session thread"),
-                        }
+                        connections.spawn(handle_connection(services.clone(), tcp, peer));
                     }
                     Err(error) => {
                         // Typically out of file descriptors: back off, keep serving.
@@ -313,7 +297,7 @@ impl Server {
         }
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
-        workers.stop().await;
+        services.relay_threads.stop().await;
         tracing::info!("ephemera stopped");
     }
 }
@@ -354,15 +338,7 @@ where
     }
 }
 
-/// One connection, on its session thread.
-async fn handle_connection(services: Arc<Services>, tcp: std::net::TcpStream, peer: SocketAddr) {
-    let tcp = match tokio::net::TcpStream::from_std(tcp) {
-        Ok(tcp) => tcp,
-        Err(error) => {
-            tracing::warn!(%error, client_addr = %peer, "cannot register a connection");
-            return;
-        }
-    };
+async fn handle_connection(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     if let Some(admitted) = front_door::admit_within_timeout(&services, tcp, peer).await {
         session::run(services, admitted, peer).await;

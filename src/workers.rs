@@ -1,7 +1,9 @@
 //! The session threads: one single-threaded tokio runtime per worker
-//! (`listen.workers`, one per core by default). The accept loop hands each
-//! new connection to the next worker in turn, and the session then lives
-//! its whole life on that thread.
+//! (`listen.workers`, one per core by default). Once a session is
+//! established (TLS, SVID, mint, upstream login: on the multi-threaded
+//! runtime, so that handshakes never stall relays), it is handed to the
+//! next worker in turn and relayed there until it ends
+//! (`session/handoff.rs`).
 //!
 //! Why not tokio's work-stealing runtime: a relayed transaction is two
 //! small reads and two small writes, and on the multi-threaded runtime
@@ -15,7 +17,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::runtime::{Builder, Handle};
@@ -53,7 +55,7 @@ impl WorkerLoad {
 /// The running session threads.
 pub struct Workers {
     handles: Vec<Handle>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     next: AtomicUsize,
     load: WorkerLoad,
     stop: CancellationToken,
@@ -80,33 +82,39 @@ impl Workers {
         }
         Ok(Workers {
             handles,
-            threads,
+            threads: Mutex::new(threads),
             next: AtomicUsize::new(0),
             load,
             stop,
         })
     }
 
-    /// Run `session` on the next worker in turn. The future is created on
-    /// that worker's thread, so that the sockets it registers belong to
-    /// that worker's reactor.
-    pub fn spawn<F, Fut>(&self, session: F)
+    /// Connections handed to each worker so far.
+    pub fn load(&self) -> &WorkerLoad {
+        &self.load
+    }
+
+    /// Run `session` on the next worker in turn; its result can be awaited
+    /// from any runtime. The future is created on that worker's thread, so
+    /// that the sockets it registers there belong to that worker's reactor.
+    pub fn spawn<F, Fut, T>(&self, session: F) -> tokio::task::JoinHandle<T>
     where
         F: FnOnce(usize) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
     {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         self.load.accepted[index].fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::ops::telemetry::WORKER_CONNECTIONS, "worker" => index.to_string())
             .increment(1);
-        self.handles[index].spawn(async move { session(index).await });
+        self.handles[index].spawn(async move { session(index).await })
     }
 
     /// Stop every worker (their remaining sessions are dropped) and wait
     /// for the threads to end.
-    pub async fn stop(mut self) {
+    pub async fn stop(&self) {
         self.stop.cancel();
-        let threads = std::mem::take(&mut self.threads);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         let joined = tokio::task::spawn_blocking(move || {
             for thread in threads {
                 if thread.join().is_err() {
@@ -136,10 +144,10 @@ mod tests {
         let mut names = Vec::new();
         for _ in 0..4 {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            workers.spawn(move |index| async move {
+            drop(workers.spawn(move |index| async move {
                 let name = std::thread::current().name().map(str::to_owned);
                 let _ = tx.send((index, name));
-            });
+            }));
             names.push(rx.await.unwrap());
         }
         assert_eq!(load.accepted(), vec![2, 2]);

@@ -414,9 +414,13 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         // Ephemera first: it revokes its leases while PostgreSQL is still up.
-        for mut p in [self.ephemera.take(), self.ephemera_unix.take(), self.floor.take()]
-            .into_iter()
-            .flatten()
+        for mut p in [
+            self.ephemera.take(),
+            self.ephemera_unix.take(),
+            self.floor.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             p.stop();
         }

@@ -108,7 +108,9 @@ fn measure(
     if let Some(dir) = log_dir {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
-        command.arg("-l").arg(format!("--log-prefix={}", dir.join("txn").display()));
+        command
+            .arg("-l")
+            .arg(format!("--log-prefix={}", dir.join("txn").display()));
     }
     command.arg(&target.conninfo);
     if let Some(p) = &target.password {
@@ -215,7 +217,14 @@ pub async fn relay(env: &Env, options: &Options, report: &mut Report) -> Result<
     let mut c1: BTreeMap<&str, Cost> = BTreeMap::new();
     let log_dir = options.out_dir.join("pgbench-log");
     eprintln!("load: relay warm-up");
-    measure(env, &targets[0], 8, slice.min(5), None, &mut Cost::default())?;
+    measure(
+        env,
+        &targets[0],
+        8,
+        slice.min(5),
+        None,
+        &mut Cost::default(),
+    )?;
     for round in 0..rounds {
         for i in 0..targets.len() {
             let target = &targets[(i + round) % targets.len()];
@@ -252,12 +261,10 @@ pub async fn relay(env: &Env, options: &Options, report: &mut Report) -> Result<
     // The c=1 round trip while connections pour in through Ephemera.
     let storm_secs = slice.max(3);
     let mut under_storm: BTreeMap<&str, Cost> = BTreeMap::new();
-    for target in targets.iter().filter(|t| {
-        matches!(
-            t.relay,
-            Relay::None | Relay::Ephemera | Relay::EphemeraUnix
-        )
-    }) {
+    for target in targets
+        .iter()
+        .filter(|t| matches!(t.relay, Relay::None | Relay::Ephemera | Relay::EphemeraUnix))
+    {
         eprintln!(
             "load: relay, c=1 {} under a connect storm through Ephemera",
             target.label
@@ -408,11 +415,8 @@ fn record(
             met: Some(e - direct_p50 <= 20.0),
         });
     }
-    let storm_p = |label: &str, p: f64| {
-        under_storm
-            .get(label)
-            .map_or(f64::NAN, |c| c.percentile(p))
-    };
+    let storm_p =
+        |label: &str, p: f64| under_storm.get(label).map_or(f64::NAN, |c| c.percentile(p));
     let (sd50, sd99) = (storm_p("direct (TLS)", 50.0), storm_p("direct (TLS)", 99.0));
     for label in ["Ephemera, TLS upstream", "Ephemera, Unix upstream"] {
         let (e50, e99) = (storm_p(label, 50.0), storm_p(label, 99.0));

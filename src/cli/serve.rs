@@ -95,13 +95,14 @@ pub fn dev(options: ephemera::dev::DevOptions) -> anyhow::Result<()> {
     })
 }
 
-/// The runtime for the accept loop, the admin API, the lease clock and the
-/// reaper. Sessions get threads of their own (`listen.workers`), so this
-/// one needs a single thread.
+/// The runtime for the accept loop, the handshakes (TLS, SVID checks,
+/// minting, upstream logins), the admin API, the lease clock and the
+/// reaper: multi-threaded, so that handshakes use every core. Established
+/// sessions are relayed on threads of their own (`listen.workers`).
 fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_name("ephemera-control")
+        .thread_name("ephemera-handshake")
         .build()
         .context("cannot start the async runtime")
 }

@@ -20,6 +20,7 @@ use tokio_rustls::server::TlsStream;
 use crate::config::ALPN_POSTGRESQL;
 use crate::identity::{IdentityError, VerifiedSvid};
 use crate::ops::audit::AuditEvent;
+use crate::session::handoff::MovableTcp;
 use crate::session::protocol::{read_first_packet, FirstPacket, ProtocolError, StartupRequest};
 use crate::session::refusal::Refusal;
 use crate::session::services::Services;
@@ -33,7 +34,8 @@ const UNTRUSTED_MAX_CHARS: usize = 64;
 
 /// A client that got through the front door.
 /// The client's connection once TLS is up.
-pub type ClientStream = TlsStream<TcpStream>;
+/// Its socket can move to a session thread (`handoff.rs`).
+pub type ClientStream = TlsStream<MovableTcp>;
 
 pub struct Admitted {
     pub stream: ClientStream,
@@ -127,13 +129,9 @@ pub async fn admit(services: &Services, mut tcp: TcpStream, peer: SocketAddr) ->
     }
 }
 
-async fn accept_tls(
-    services: &Services,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) -> Option<TlsStream<TcpStream>> {
+async fn accept_tls(services: &Services, tcp: TcpStream, peer: SocketAddr) -> Option<ClientStream> {
     let acceptor = services.tls().acceptor.clone();
-    match acceptor.accept(tcp).await {
+    match acceptor.accept(MovableTcp::new(tcp)).await {
         Ok(tls) => Some(tls),
         Err(error) => {
             tracing::info!(client_addr = %peer, %error, "TLS handshake failed");

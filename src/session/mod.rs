@@ -6,6 +6,7 @@
 
 pub mod cancel;
 pub mod front_door;
+pub mod handoff;
 pub mod protocol;
 pub mod quiet_socket;
 pub mod refusal;
@@ -50,7 +51,7 @@ struct Request {
 /// next one what it needs or says why the client is turned away.
 pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) {
     let Admitted {
-        mut stream,
+        stream,
         startup,
         svid,
     } = admitted;
@@ -73,22 +74,16 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
         Ok(lease) => lease,
         Err(refusal) => return refuse(stream, refusal, peer).await,
     };
-    let mut session = match log_in(&services, &mut lease, &request).await {
+    let session = match log_in(&services, &mut lease, &request).await {
         Ok(session) => session,
         Err(refusal) => return refuse(stream, refusal, peer).await,
     };
     let cancel = services.cancels.register(session.backend_key);
-    if greet(&mut stream, &session, &request, cancel.client_key())
-        .await
-        .is_err()
-    {
-        return;
-    }
-
+    let hello = greeting(&session, &request, cancel.client_key());
     log_session(&lease, peer, "session started");
     services.leases.logged_in(lease.lease());
     let _active = ActiveSession::start();
-    let result = crate::session::relay::relay(&mut stream, &mut session.stream).await;
+    let result = greet_and_relay(&services, stream, session.stream, hello).await;
     match result {
         Ok(relayed) => tracing::info!(
             lease_id = %lease.lease().id, role = %lease.lease().role,
@@ -102,6 +97,30 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
     }
     drop(cancel);
     drop(lease);
+}
+
+/// Greet the client and relay, on the next session thread (`workers.rs`):
+/// the sockets move to its reactor (`handoff.rs`) and the session's
+/// wake-ups stay on that one core. This task waits for the end, holding
+/// the lease, the cancel key and the connection permit.
+async fn greet_and_relay(
+    services: &Services,
+    mut client: ClientStream,
+    upstream: upstream::UpstreamStream,
+    hello: BytesMut,
+) -> std::io::Result<crate::session::relay::Relayed> {
+    use crate::session::handoff::Rebind;
+    let relay = services.relay_threads.spawn(move |_| async move {
+        client.rebind()?;
+        let mut upstream = upstream.rebind()?;
+        client.write_all(&hello).await?;
+        client.flush().await?;
+        crate::session::relay::relay(&mut client, &mut upstream).await
+    });
+    relay.await.unwrap_or_else(|join| {
+        // Only if the relay panicked or its thread stopped (shutdown).
+        Err(std::io::Error::other(join))
+    })
 }
 
 /// The policy and the identity's issue rate: may this session have a
@@ -183,14 +202,13 @@ async fn log_in(
     Ok(session)
 }
 
-/// Tell the client it is in: what PostgreSQL said at login, with our own
-/// cancel key in place of the backend's.
-async fn greet(
-    stream: &mut ClientStream,
+/// What tells the client it is in: what PostgreSQL said at login, with our
+/// own cancel key in place of the backend's.
+fn greeting(
     session: &upstream::UpstreamSession,
     request: &Request,
     cancel_key: CancelKey,
-) -> std::io::Result<()> {
+) -> BytesMut {
     let mut hello = BytesMut::with_capacity(session.greeting.len() + 64);
     if request.minor_version != 0 || !request.unsupported_options.is_empty() {
         hello.extend_from_slice(&negotiate_protocol_version(
@@ -201,7 +219,7 @@ async fn greet(
     hello.extend_from_slice(&session.greeting);
     hello.extend_from_slice(&backend_key_data(cancel_key));
     hello.extend_from_slice(&session.ready_for_query);
-    stream.write_all(&hello).await
+    hello
 }
 
 /// Counts a relayed session in `ephemera_sessions_active` while it lives.

@@ -42,6 +42,17 @@ impl QuietUnixStream {
         })
     }
 
+    /// Leave the reactor this was registered with and join the current
+    /// runtime's (a session handed to its session thread, `handoff.rs`).
+    pub fn rebind(self) -> io::Result<Self> {
+        // Dropping a registration leaves its reactor.
+        drop(self.blocked_writer);
+        Ok(QuietUnixStream {
+            reader: register(self.reader.into_inner(), Interest::READABLE)?,
+            blocked_writer: None,
+        })
+    }
+
     /// Write now if the socket takes it; else wait for writability on a
     /// descriptor registered for that alone.
     fn poll_write_with<T>(

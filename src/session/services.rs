@@ -13,7 +13,7 @@ use crate::session::cancel::CancelMap;
 use crate::session::protocol::CancelKey;
 use crate::session::upstream;
 use crate::tls::{SharedTls, TlsMaterial};
-use crate::workers::WorkerLoad;
+use crate::workers::Workers;
 
 /// Everything a connection needs, shared by all of them.
 pub struct Services {
@@ -32,8 +32,8 @@ pub struct Services {
     pub issue_limiter: Arc<RateLimiter>,
     /// Refusal audit events per peer address (SECURITY.md, finding 6).
     pub refusal_events: RefusalEvents,
-    /// Connections handed to each session thread.
-    pub workers: WorkerLoad,
+    /// The session threads established sessions are relayed on.
+    pub relay_threads: Workers,
 }
 
 impl Services {

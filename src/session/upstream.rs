@@ -22,6 +22,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::UpstreamSettings;
+use crate::session::handoff::{MovableTcp, Rebind};
 use crate::session::protocol::{error_fields, CancelKey};
 use crate::session::quiet_socket::QuietUnixStream;
 
@@ -30,11 +31,28 @@ const MAX_LOGIN_MESSAGE_LEN: usize = 64 * 1024;
 
 /// A connection to the upstream, with or without TLS.
 pub enum UpstreamStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Plain(MovableTcp),
+    Tls(Box<TlsStream<MovableTcp>>),
     /// A Unix-domain socket on the same host (no TLS there), registered
     /// for the readiness the relay waits on only.
     Unix(QuietUnixStream),
+}
+
+impl UpstreamStream {
+    /// Join the current runtime's reactor (`handoff.rs`).
+    pub fn rebind(self) -> io::Result<Self> {
+        Ok(match self {
+            UpstreamStream::Plain(mut tcp) => {
+                tcp.rebind()?;
+                UpstreamStream::Plain(tcp)
+            }
+            UpstreamStream::Tls(mut tls) => {
+                tls.rebind()?;
+                UpstreamStream::Tls(tls)
+            }
+            UpstreamStream::Unix(unix) => UpstreamStream::Unix(unix.rebind()?),
+        })
+    }
 }
 
 impl AsyncRead for UpstreamStream {
@@ -169,7 +187,7 @@ pub async fn connect(settings: &UpstreamSettings) -> Result<UpstreamStream, Upst
     })?;
     tcp.set_nodelay(true)?;
     if settings.tls.mode == SslMode::Disable {
-        return Ok(UpstreamStream::Plain(tcp));
+        return Ok(UpstreamStream::Plain(MovableTcp::new(tcp)));
     }
     let mut tcp = tcp;
     let mut request = BytesMut::with_capacity(8);
@@ -189,7 +207,7 @@ pub async fn connect(settings: &UpstreamSettings) -> Result<UpstreamStream, Upst
             source: io::Error::new(io::ErrorKind::InvalidInput, e),
         })?;
     let tls = TlsConnector::from(settings.tls.client_config())
-        .connect(server_name, tcp)
+        .connect(server_name, MovableTcp::new(tcp))
         .await
         .map_err(|source| UpstreamError::Tls { address, source })?;
     Ok(UpstreamStream::Tls(Box::new(tls)))

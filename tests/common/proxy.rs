@@ -306,7 +306,7 @@ impl TestProxy {
         let addr = server.local_addr();
         let admin_addr = server.admin_addr();
         let reloader = server.reloader();
-        let workers = server.services().workers.clone();
+        let workers = server.services().relay_threads.load().clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
             let _ = rx.await;

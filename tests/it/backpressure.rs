@@ -12,9 +12,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::proxy::{ProxyOptions, TestProxy, BILLING_ID};
+use common::proxy::ProxyOptions;
 use common::raw;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An identity of this test's own: other tests revoke all of
+/// `BILLING_ID`'s leases, which would end these sessions.
+const BACKPRESSURE_ID: &str = "spiffe://example.org/ns/prod/sa/backpressure";
 
 /// Each query carries this many bytes up and gets them back down.
 const PAYLOAD: usize = 64 * 1024;
@@ -30,8 +34,18 @@ async fn both_directions_full_then_drained(unix_upstream: bool) {
     let mut options = ProxyOptions::templates(&[template]);
     options.upstream_unix_socket = unix_upstream;
     options.listen_extra = "workers = 1".into();
-    let proxy = TestProxy::start(options).await;
-    let tls = raw::session(&proxy, &proxy.svid(BILLING_ID), template, "backpressure").await;
+    let proxy = common::proxy::start_proxy_with_extra_config(
+        options,
+        &format!("[[policy]]\nspiffe_id = \"{BACKPRESSURE_ID}\"\ntemplates = [\"{template}\"]"),
+    )
+    .await;
+    let tls = raw::session(
+        &proxy,
+        &proxy.svid(BACKPRESSURE_ID),
+        template,
+        "backpressure",
+    )
+    .await;
     let (mut reader, mut writer) = tokio::io::split(tls);
 
     let literal = "x".repeat(PAYLOAD);
