@@ -108,9 +108,19 @@ impl AsyncRead for QuietUnixStream {
         loop {
             let mut guard = ready!(self.reader.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
+            let room = unfilled.len();
             match guard.try_io(|fd| fd.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
                     buf.advance(n);
+                    if n > 0 && n < room {
+                        // A short read emptied the socket: the next read
+                        // would only say "would block". Wait for the next
+                        // edge instead of paying that syscall (tokio's own
+                        // sockets do the same).
+                        // The guard's own event is cleared, so readiness
+                        // that arrived since is kept.
+                        guard.clear_ready();
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
