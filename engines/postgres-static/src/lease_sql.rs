@@ -96,10 +96,33 @@ pub async fn record_backend(client: &Client, lease: &Lease, rotate: bool) -> Res
           WHERE l.lease_id = $1
           RETURNING l.backend_pid"
     );
+    // pg_stat_activity shows a backend's start time only to those with
+    // its role's privileges: ours for this transaction only, if need be.
+    let member: bool = client
+        .query_one(
+            "SELECT pg_catalog.pg_has_role(current_user, $1, 'USAGE')",
+            &[&lease.role],
+        )
+        .await
+        .map_err(failed(action))?
+        .get(0);
+    let role = quote_ident(&lease.role).map_err(unquotable)?;
+    if !member {
+        client
+            .batch_execute(&format!("GRANT {role} TO CURRENT_USER"))
+            .await
+            .map_err(failed(action))?;
+    }
     let row = client
         .query_opt(&sql, &[&lease.id.to_string(), &lease.role])
         .await
         .map_err(failed(action))?;
+    if !member {
+        client
+            .batch_execute(&format!("REVOKE {role} FROM CURRENT_USER"))
+            .await
+            .map_err(failed(action))?;
+    }
     let pid: Option<i32> = row.and_then(|row| row.get(0));
     if pid.is_none() {
         let _ = client.batch_execute("ROLLBACK").await;
@@ -151,7 +174,7 @@ pub async fn revoke(
     .await
     .map_err(failed(action))?;
     tx.execute(
-        &format!("SELECT 1 FROM {roles} WHERE role = $1 FOR UPDATE"),
+        &format!("SELECT 1 FROM {roles} WHERE role = $1 FOR NO KEY UPDATE"),
         &[&lease.role],
     )
     .await

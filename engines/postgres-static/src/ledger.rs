@@ -15,7 +15,9 @@
 //!   lock is the role's *turn*: held from setting a lease's verifier until
 //!   its login is recorded and closed, and while a revocation decides
 //!   whether it ended the role's last lease. A row lock needs `UPDATE` on
-//!   the table, which no other role has (unlike an advisory lock).
+//!   the table, which no other role has (unlike an advisory lock). It is
+//!   `FOR NO KEY UPDATE`, so the ledger's foreign key on the row (a
+//!   `KEY SHARE` lock) never waits for it.
 
 use ephemera_engine::{AdminLogin, EngineError, Lease, LeaseComment, Upstream};
 use ephemera_engine_postgres::admin::{self, db_error};
@@ -135,7 +137,7 @@ impl Turn {
             .map_err(|e| db_error(action, e))?;
         client
             .execute(
-                &format!("SELECT 1 FROM {roles} WHERE role = $1 FOR UPDATE"),
+                &format!("SELECT 1 FROM {roles} WHERE role = $1 FOR NO KEY UPDATE"),
                 &[&role],
             )
             .await
