@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::cluster;
 use common::proxy::{
-    admin_client, psql, start_proxy_with_extra_config, upstream, ProxyOptions, TestProxy,
-    ADMIN_ID, ADMIN_USER, BILLING_ID, DATABASE, STRANGER_ID,
+    admin_client, psql, start_proxy_with_extra_config, upstream, ProxyOptions, TestProxy, ADMIN_ID,
+    ADMIN_USER, BILLING_ID, DATABASE, STRANGER_ID,
 };
 use ephemera::admin::api::LeaseFilter;
 use ephemera_engine::{AdminLogin, EngineKind, EngineSetup, Password, Template, Upstream};
@@ -281,9 +281,7 @@ async fn the_preflight_checks_the_role_and_says_what_it_owns() {
         Template {
             name: name.into(),
             database: DATABASE.into(),
-            spec: ephemera_engine::TemplateSpec::new(
-                parse_template(name, DATABASE, keys).unwrap(),
-            ),
+            spec: ephemera_engine::TemplateSpec::new(parse_template(name, DATABASE, keys).unwrap()),
         }
     };
     let setup = |templates| EngineSetup {

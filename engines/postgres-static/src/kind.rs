@@ -96,9 +96,10 @@ pub fn parse_template(
             "rotate_interval",
             "is required with rotate = \"interval\"; write a duration such as \"1h\"",
         )),
-        (Rotate::Interval, Some(interval)) if interval.is_zero() => problems.push(
-            KeyProblem::new("rotate_interval", "must be longer than zero"),
-        ),
+        (Rotate::Interval, Some(interval)) if interval.is_zero() => problems.push(KeyProblem::new(
+            "rotate_interval",
+            "must be longer than zero",
+        )),
         (Rotate::PerLease, Some(_)) => problems.push(KeyProblem::new(
             "rotate_interval",
             "only applies with rotate = \"interval\"; remove it or set rotate = \"interval\"",
@@ -154,8 +155,12 @@ mod tests {
 
     #[test]
     fn the_keys_are_role_rotate_and_rotate_interval() {
-        let t = parse_template("legacy", "billing", keys(serde_json::json!({"role": "app"})))
-            .expect("role alone is enough");
+        let t = parse_template(
+            "legacy",
+            "billing",
+            keys(serde_json::json!({"role": "app"})),
+        )
+        .expect("role alone is enough");
         assert_eq!(t.rotate, Rotate::PerLease);
         let t = parse_template(
             "legacy",

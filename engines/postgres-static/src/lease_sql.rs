@@ -13,7 +13,10 @@ use crate::{failed, table};
 /// Another lease of `lease.role` that handed a client a password and has
 /// not expired: who holds it. (A standalone lease's holder logs in
 /// whenever it likes, so nobody else may change the password under it.)
-pub async fn standalone_holder(client: &Client, lease: &Lease) -> Result<Option<String>, EngineError> {
+pub async fn standalone_holder(
+    client: &Client,
+    lease: &Lease,
+) -> Result<Option<String>, EngineError> {
     let sql = format!(
         "SELECT lease FROM {} WHERE role = $1",
         table(LEASES).map_err(unquotable)?
@@ -45,9 +48,12 @@ pub async fn record_and_open(
     );
     let open = open_sql(&lease.role, secret, valid_until).map_err(unquotable)?;
     let tx = client.transaction().await.map_err(failed(action))?;
-    tx.execute(&insert, &[&lease.id.to_string(), &lease.role, &lease_json(lease)])
-        .await
-        .map_err(failed(action))?;
+    tx.execute(
+        &insert,
+        &[&lease.id.to_string(), &lease.role, &lease_json(lease)],
+    )
+    .await
+    .map_err(failed(action))?;
     tx.batch_execute(&open).await.map_err(failed(action))?;
     tx.commit().await.map_err(failed(action))
 }
@@ -81,7 +87,11 @@ pub async fn renew(client: &mut Client, lease: &Lease) -> Result<(), EngineError
 /// the role's one backend that started since, and is no other lease's, is
 /// this lease's. Record it, close the role, commit (which gives the turn
 /// back).
-pub async fn record_backend(client: &Client, lease: &Lease, rotate: bool) -> Result<(), EngineError> {
+pub async fn record_backend(
+    client: &Client,
+    lease: &Lease,
+    rotate: bool,
+) -> Result<(), EngineError> {
     let action = "record a static lease's backend";
     let leases = table(LEASES).map_err(unquotable)?;
     let sql = format!(
@@ -206,9 +216,40 @@ pub async fn revoke(
         tx.commit().await.map_err(failed(action))?;
         return Ok(Revoked::Ended);
     };
+    end_backends(&tx, lease, member, pid, started).await?;
+    let remaining: i64 = tx
+        .query_one(
+            &format!("SELECT count(*) FROM {leases} WHERE role = $1"),
+            &[&lease.role],
+        )
+        .await
+        .map_err(failed(action))?
+        .get(0);
+    let close = remaining == 0 || lease.kind == LeaseKind::Standalone || per_lease;
+    if close {
+        let sql = close_sql(&lease.role, true).map_err(unquotable)?;
+        tx.batch_execute(&sql).await.map_err(failed(action))?;
+    }
+    tx.commit().await.map_err(failed(action))?;
+    Ok(if close {
+        Revoked::Closed
+    } else {
+        Revoked::Ended
+    })
+}
+
+/// Terminate the revoked lease's backends (see [`revoke`]), as a member of
+/// its role for this transaction only, unless the admin is one already.
+async fn end_backends(
+    tx: &tokio_postgres::Transaction<'_>,
+    lease: &Lease,
+    member: bool,
+    pid: Option<i32>,
+    started: Option<String>,
+) -> Result<(), EngineError> {
+    let action = "revoke a static lease";
+    let leases = table(LEASES).map_err(unquotable)?;
     let role = quote_ident(&lease.role).map_err(unquotable)?;
-    // Terminating a backend takes the privileges of its role; ours for
-    // this transaction only, unless we have them already.
     if !member {
         tx.batch_execute(&format!("GRANT {role} TO CURRENT_USER"))
             .await
@@ -229,7 +270,13 @@ pub async fn revoke(
     if !session || pid.is_some() {
         tx.query_one(
             &terminate,
-            &[&lease.role, &session, &pid, &started, &rfc3339(lease.issued_at)],
+            &[
+                &lease.role,
+                &session,
+                &pid,
+                &started,
+                &rfc3339(lease.issued_at),
+            ],
         )
         .await
         .map_err(failed(action))?;
@@ -239,19 +286,5 @@ pub async fn revoke(
             .await
             .map_err(failed(action))?;
     }
-    let remaining: i64 = tx
-        .query_one(
-            &format!("SELECT count(*) FROM {leases} WHERE role = $1"),
-            &[&lease.role],
-        )
-        .await
-        .map_err(failed(action))?
-        .get(0);
-    let close = remaining == 0 || !session || per_lease;
-    if close {
-        let sql = close_sql(&lease.role, true).map_err(unquotable)?;
-        tx.batch_execute(&sql).await.map_err(failed(action))?;
-    }
-    tx.commit().await.map_err(failed(action))?;
-    Ok(if close { Revoked::Closed } else { Revoked::Ended })
+    Ok(())
 }

@@ -21,8 +21,8 @@
 #![forbid(unsafe_code)]
 
 mod kind;
-pub mod ledger;
 mod lease_sql;
+pub mod ledger;
 mod preflight;
 pub mod role;
 

@@ -55,10 +55,17 @@ mod tests {
             sql.starts_with("ALTER ROLE \"billing\"\"app\" WITH PASSWORD 'SCRAM-SHA-256$1:"),
             "{sql}"
         );
-        assert!(sql.ends_with("VALID UNTIL '1970-01-01T00:00:00Z';\n"), "{sql}");
+        assert!(
+            sql.ends_with("VALID UNTIL '1970-01-01T00:00:00Z';\n"),
+            "{sql}"
+        );
         let closed = close_sql("app", true).unwrap();
         assert!(closed.contains("PASSWORD 'SCRAM-SHA-256$1:"), "{closed}");
-        assert_ne!(closed, close_sql("app", true).unwrap(), "fresh keys each time");
+        assert_ne!(
+            closed,
+            close_sql("app", true).unwrap(),
+            "fresh keys each time"
+        );
         assert_eq!(
             close_sql("app", false).unwrap(),
             "ALTER ROLE \"app\" VALID UNTIL '1970-01-01T00:00:00Z';\n"
