@@ -356,3 +356,58 @@ pub(crate) fn failed(action: &'static str) -> impl Fn(tokio_postgres::Error) -> 
 }
 
 pub(crate) use ledger::table;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(keys: serde_json::Value) -> (StaticEngine, StaticTemplate) {
+        let serde_json::Value::Object(keys) = keys else {
+            unreachable!("an object")
+        };
+        let spec = parse_template("legacy", "billing", keys).expect("valid keys");
+        let setup = EngineSetup {
+            upstream: Upstream {
+                host: "127.0.0.1".into(),
+                port: 1,
+                tls: None,
+                connect_timeout: Duration::from_secs(1),
+            },
+            admin: AdminLogin {
+                user: "admin".into(),
+                password: Password::new("unused".into()),
+                database: "postgres".into(),
+                pool_size: 1,
+            },
+            login_window: Duration::from_secs(10),
+            templates: vec![Template {
+                name: "legacy".into(),
+                database: "billing".into(),
+                spec: ephemera_engine::TemplateSpec::new(spec.clone()),
+            }],
+        };
+        (
+            StaticEngine::new(setup).expect("starts without dialling"),
+            spec,
+        )
+    }
+
+    #[test]
+    fn per_lease_draws_fresh_keys_and_interval_reuses_them_until_rotated() {
+        let (per_lease, template) = engine(serde_json::json!({"role": "app"}));
+        assert_ne!(
+            per_lease.keys_for(&template).verifier(),
+            per_lease.keys_for(&template).verifier()
+        );
+        assert!(per_lease.rotates_per_lease("app"));
+
+        let (interval, template) = engine(
+            serde_json::json!({"role": "app", "rotate": "interval", "rotate_interval": "1h"}),
+        );
+        let first = interval.keys_for(&template).verifier();
+        assert_eq!(first, interval.keys_for(&template).verifier());
+        assert!(!interval.rotates_per_lease("app"));
+        interval.forget_keys("app");
+        assert_ne!(first, interval.keys_for(&template).verifier());
+    }
+}
