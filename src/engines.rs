@@ -43,6 +43,7 @@ impl EngineRegistry {
             kinds: BTreeMap::new(),
         }
         .register(Arc::new(postgres::PostgresKind))
+        .register(Arc::new(ephemera_engine_postgres_static::StaticKind))
     }
 
     /// Add (or replace) an engine kind under its name.

@@ -38,4 +38,5 @@ mod proptest_protocol;
 mod refusals;
 mod review_attacks;
 mod rotation;
+mod static_engine;
 mod workers;
