@@ -37,3 +37,4 @@ mod proptest_protocol;
 mod refusals;
 mod review_attacks;
 mod rotation;
+mod tokens;
