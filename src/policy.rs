@@ -114,7 +114,9 @@ pub enum Matcher {
 impl Matcher {
     pub fn matches(&self, principal: &Principal) -> bool {
         match self {
-            Matcher::Spiffe(pattern) => principal.spiffe_id().is_some_and(|id| pattern.matches(&id)),
+            Matcher::Spiffe(pattern) => {
+                principal.spiffe_id().is_some_and(|id| pattern.matches(&id))
+            }
             Matcher::Token { issuer, claims } => principal
                 .token()
                 .is_some_and(|t| t.issuer == *issuer && claims.matches(&t.claims)),
@@ -214,11 +216,15 @@ mod tests {
     fn decisions_union_rules_and_name_alternatives() {
         let policy = Policy::new(vec![
             PolicyRule {
-                matcher: IdPattern::parse("spiffe://example.org/app/*").unwrap().into(),
+                matcher: IdPattern::parse("spiffe://example.org/app/*")
+                    .unwrap()
+                    .into(),
                 templates: vec!["app_ro".into()],
             },
             PolicyRule {
-                matcher: IdPattern::parse("spiffe://example.org/app/web").unwrap().into(),
+                matcher: IdPattern::parse("spiffe://example.org/app/web")
+                    .unwrap()
+                    .into(),
                 templates: vec!["app_rw".into()],
             },
         ]);

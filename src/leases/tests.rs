@@ -272,7 +272,9 @@ async fn a_standalone_lease_needs_a_password_a_client_can_use() {
     // SCRAM keys only: refused, and the credential made is given back.
     let engine = FakeEngine::new(Credential::ScramOnly);
     let manager = manager(&engine, false);
-    let refused = manager.issue_standalone(&Principal::from(app().clone()), "t", None, None).await;
+    let refused = manager
+        .issue_standalone(&Principal::from(app().clone()), "t", None, None)
+        .await;
     assert!(
         matches!(
             refused,
@@ -295,12 +297,16 @@ async fn a_lease_the_policy_does_not_allow_is_never_issued() {
     let engine = FakeEngine::new(Credential::ClientPassword);
     let manager = manager(&engine, false);
     let stranger = SpiffeId::parse("spiffe://example.org/stranger").expect("valid");
-    let denied = manager.issue_standalone(&Principal::from(stranger.clone()), "t", None, None).await;
+    let denied = manager
+        .issue_standalone(&Principal::from(stranger.clone()), "t", None, None)
+        .await;
     assert!(
         matches!(denied, Err(LeaseError::Denied { .. })),
         "{denied:?}"
     );
-    let unknown = manager.issue_standalone(&Principal::from(app().clone()), "nope", None, None).await;
+    let unknown = manager
+        .issue_standalone(&Principal::from(app().clone()), "nope", None, None)
+        .await;
     assert!(
         matches!(unknown, Err(LeaseError::UnknownTemplate(_))),
         "{unknown:?}"
@@ -359,7 +365,13 @@ async fn a_session_lease_is_capped_at_the_svid_when_bound_to_it() {
     let not_after = OffsetDateTime::now_utc() + Duration::from_secs(100);
     let bound_manager = manager(&engine, true);
     let bound = bound_manager
-        .issue_session(&Principal::from(app()), "t", &settings(), client(), Some(Bound::Svid(not_after)))
+        .issue_session(
+            &Principal::from(app()),
+            "t",
+            &settings(),
+            client(),
+            Some(Bound::Svid(not_after)),
+        )
         .await
         .expect("issued");
     assert_eq!(bound.lease().max_expires_at, whole_seconds(not_after));
@@ -368,14 +380,26 @@ async fn a_session_lease_is_capped_at_the_svid_when_bound_to_it() {
     // Not bound, or the certificate outlives max_ttl: max_ttl decides.
     let unbound_manager = manager(&engine, false);
     let unbound = unbound_manager
-        .issue_session(&Principal::from(app()), "t", &settings(), client(), Some(Bound::Svid(not_after)))
+        .issue_session(
+            &Principal::from(app()),
+            "t",
+            &settings(),
+            client(),
+            Some(Bound::Svid(not_after)),
+        )
         .await
         .expect("issued");
     assert!(unbound.lease().max_expires_at > whole_seconds(not_after));
     assert!(!unbound_manager.lock().active[&unbound.lease().id].svid_capped);
     let far = OffsetDateTime::now_utc() + Duration::from_secs(3600);
     let outlived = bound_manager
-        .issue_session(&Principal::from(app()), "t", &settings(), client(), Some(Bound::Svid(far)))
+        .issue_session(
+            &Principal::from(app()),
+            "t",
+            &settings(),
+            client(),
+            Some(Bound::Svid(far)),
+        )
         .await
         .expect("issued");
     assert!(outlived.lease().max_expires_at < whole_seconds(far));

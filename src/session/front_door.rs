@@ -113,24 +113,7 @@ pub async fn admit(services: &Services, mut tcp: TcpStream, peer: SocketAddr) ->
         }
     };
 
-    let has_cert = !matches!(tls.get_ref().1.peer_certificates(), None | Some([]));
-    let tokens = services.rules().tokens.clone();
-    let verified = if has_cert || tokens.is_empty() {
-        match tls.get_ref().1.peer_certificates() {
-            None | Some([]) => Err(Refusal::Identity(IdentityError::NoCertificate)),
-            Some(chain) => services
-                .tls()
-                .svid_verifier
-                .verify(chain, UnixTime::now())
-                .map(|svid| (Principal::Svid(svid.id), Some(Bound::Svid(svid.not_after))))
-                .map_err(Refusal::Identity),
-        }
-    } else {
-        token(&mut tls, &tokens).await.map(|token| {
-            let bound = token.bind_to_expiry.then_some(Bound::Token(token.expires_at));
-            (Principal::Token(Box::new(token)), bound)
-        })
-    };
+    let verified = identify(services, &mut tls).await;
     match verified {
         Ok((principal, bound)) => Some(Admitted {
             stream: tls,
@@ -149,6 +132,34 @@ pub async fn admit(services: &Services, mut tcp: TcpStream, peer: SocketAddr) ->
             refuse_and_audit(services, tls, refusal, peer, None, template).await;
             None
         }
+    }
+}
+
+/// Who the client is: its X.509-SVID, or (no certificate, token issuers
+/// configured) the token it sends as the password.
+async fn identify(
+    services: &Services,
+    tls: &mut ClientStream,
+) -> Result<(Principal, Option<Bound>), Refusal> {
+    let has_cert = !matches!(tls.get_ref().1.peer_certificates(), None | Some([]));
+    let tokens = services.rules().tokens.clone();
+    if has_cert || tokens.is_empty() {
+        match tls.get_ref().1.peer_certificates() {
+            None | Some([]) => Err(Refusal::Identity(IdentityError::NoCertificate)),
+            Some(chain) => services
+                .tls()
+                .svid_verifier
+                .verify(chain, UnixTime::now())
+                .map(|svid| (Principal::Svid(svid.id), Some(Bound::Svid(svid.not_after))))
+                .map_err(Refusal::Identity),
+        }
+    } else {
+        token(tls, &tokens).await.map(|token| {
+            let bound = token
+                .bind_to_expiry
+                .then_some(Bound::Token(token.expires_at));
+            (Principal::Token(Box::new(token)), bound)
+        })
     }
 }
 

@@ -259,7 +259,14 @@ async fn a_token_of_each_kind_lands_as_a_fresh_role_dropped_at_exit() {
         proxy.files.server_ca_path.display()
     );
     let output = tokio::process::Command::new(psql())
-        .args([conninfo.as_str(), "-X", "-A", "-t", "-c", "SELECT session_user"])
+        .args([
+            conninfo.as_str(),
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "SELECT session_user",
+        ])
         .env("PGPASSWORD", &token)
         .env("HOME", dir.path())
         .output()
@@ -275,7 +282,8 @@ async fn a_token_of_each_kind_lands_as_a_fresh_role_dropped_at_exit() {
 
     // OIDC with an EdDSA key from the same file, and with a JWKS fetched
     // over HTTPS; a JWT-SVID (policy by its SPIFFE ID).
-    let svid_claims = json!({"sub": BILLING_ID, "aud": SPIFFE_AUD, "exp": now() + 600, "iat": now()});
+    let svid_claims =
+        json!({"sub": BILLING_ID, "aud": SPIFFE_AUD, "exp": now() + 600, "iat": now()});
     let mut fetched_claims = claims(FETCHED_ISS);
     fetched_claims["repository"] = json!("acme/other");
     for token in [
@@ -303,7 +311,10 @@ async fn a_token_of_each_kind_lands_as_a_fresh_role_dropped_at_exit() {
         "fetched:repo:acme/billing:ref:refs/heads/main",
         BILLING_ID,
     ] {
-        assert!(identities.iter().any(|i| i == expected), "{expected} in {identities:?}");
+        assert!(
+            identities.iter().any(|i| i == expected),
+            "{expected} in {identities:?}"
+        );
     }
     proxy.shutdown().await;
 }
@@ -348,36 +359,78 @@ async fn every_bad_token_is_refused_with_28000_and_nothing_is_minted() {
         es.sign(&c)
     };
     let cases: Vec<(&str, String, &str)> = vec![
-        ("expired", es.sign(&with(&|c| c["exp"] = json!(now() - 3600))), "expired"),
-        ("not yet valid", es.sign(&with(&|c| c["nbf"] = json!(now() + 3600))), "not valid yet"),
-        ("issued in the future", es.sign(&with(&|c| c["iat"] = json!(now() + 3600))), "in the future"),
-        ("wrong iss", es.sign(&with(&|c| c["iss"] = json!("https://evil.example"))), "issuer"),
-        ("wrong aud", es.sign(&with(&|c| c["aud"] = json!("someone-else"))), "audience"),
+        (
+            "expired",
+            es.sign(&with(&|c| c["exp"] = json!(now() - 3600))),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            es.sign(&with(&|c| c["nbf"] = json!(now() + 3600))),
+            "not valid yet",
+        ),
+        (
+            "issued in the future",
+            es.sign(&with(&|c| c["iat"] = json!(now() + 3600))),
+            "in the future",
+        ),
+        (
+            "wrong iss",
+            es.sign(&with(&|c| c["iss"] = json!("https://evil.example"))),
+            "issuer",
+        ),
+        (
+            "wrong aud",
+            es.sign(&with(&|c| c["aud"] = json!("someone-else"))),
+            "audience",
+        ),
         ("unknown kid", unknown.sign(&claims(FILE_ISS)), "key id"),
-        ("bad signature", stranger.sign(&claims(FILE_ISS)), "signature"),
+        (
+            "bad signature",
+            stranger.sign(&claims(FILE_ISS)),
+            "signature",
+        ),
         ("alg none", alg_none, "algorithm"),
         ("HS256 with the public key", hs256, "algorithm"),
         ("over 16 KiB", huge, "larger than"),
         ("not a JWT", "hunter2".into(), "not a JSON Web Token"),
-        ("claims the policy does not allow", es.sign(&with(&|c| c["repository"] = json!("acme/other"))), "may not use"),
+        (
+            "claims the policy does not allow",
+            es.sign(&with(&|c| c["repository"] = json!("acme/other"))),
+            "may not use",
+        ),
     ];
     for (case, token, reason) in &cases {
         let (code, message) = refused(&proxy, template, token).await;
         assert_eq!(code, "28000", "{case}: {message}");
-        assert!(message.contains(reason), "{case}: {message:?} should say {reason:?}");
+        assert!(
+            message.contains(reason),
+            "{case}: {message:?} should say {reason:?}"
+        );
         let tail = &token[token.len().saturating_sub(20)..];
-        assert!(!message.contains(tail), "{case}: the message echoes the token");
-        assert!(roles_with_prefix(&prefix).await.is_empty(), "{case}: a role was minted");
+        assert!(
+            !message.contains(tail),
+            "{case}: the message echoes the token"
+        );
+        assert!(
+            roles_with_prefix(&prefix).await.is_empty(),
+            "{case}: a role was minted"
+        );
     }
     // The audit log never holds a token.
     let audit = std::fs::read_to_string(proxy.files.dir.path().join("audit.jsonl")).unwrap();
     for (case, token, _) in &cases {
         if token.len() > 40 {
-            assert!(!audit.contains(&token[token.len() - 40..]), "{case}: token in the audit log");
+            assert!(
+                !audit.contains(&token[token.len() - 40..]),
+                "{case}: token in the audit log"
+            );
         }
     }
     // Still serving.
-    let client = connect(&proxy, template, &es.sign(&claims(FILE_ISS))).await.unwrap();
+    let client = connect(&proxy, template, &es.sign(&claims(FILE_ISS)))
+        .await
+        .unwrap();
     assert!(session_user(&client).await.starts_with(&prefix));
     drop(client);
     assert!(wait_until_no_roles(&prefix, Duration::from_secs(10)).await);
@@ -445,7 +498,9 @@ async fn a_lease_ends_at_the_tokens_expiry_when_bound_to_it() {
         .filter(|e| e["event"] == "expired")
         .collect();
     assert!(
-        reasons.iter().any(|e| e.to_string().contains("token_expired")),
+        reasons
+            .iter()
+            .any(|e| e.to_string().contains("token_expired")),
         "{reasons:?}"
     );
     proxy.shutdown().await;
@@ -462,7 +517,9 @@ async fn a_jwks_rotation_is_picked_up_without_a_restart() {
     let proxy = token_proxy(template, &extra).await;
     let prefix = role_prefix(template);
 
-    let client = connect(&proxy, template, &old.sign(&claims(FETCHED_ISS))).await.unwrap();
+    let client = connect(&proxy, template, &old.sign(&claims(FETCHED_ISS)))
+        .await
+        .unwrap();
     drop(client);
     // The issuer rotates: only the new key is published.
     *server.body.lock().unwrap() = jwks(&[&new]);
@@ -472,7 +529,10 @@ async fn a_jwks_rotation_is_picked_up_without_a_restart() {
         match connect(&proxy, template, &token).await {
             Ok(client) => break client,
             Err(e) => {
-                assert!(Instant::now() < deadline, "the new key was never fetched: {e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the new key was never fetched: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }

@@ -59,7 +59,10 @@ fn check_names(
             "must be 1 to 40 letters, digits, '_' or '-', e.g. \"github\"",
         );
     }
-    if file.tokens.issuer[..i].iter().any(|o| o.name == section.name) {
+    if file.tokens.issuer[..i]
+        .iter()
+        .any(|o| o.name == section.name)
+    {
         problems.add(
             format!("{key}.name"),
             format!("another issuer is already named {:?}", section.name),
@@ -159,7 +162,10 @@ fn client_tls(
         Some(path) => {
             for cert in load_certs(&base.join(path), &format!("{key}.jwks_ca"), problems)? {
                 if let Err(e) = roots.add(cert) {
-                    problems.add(format!("{key}.jwks_ca"), format!("unusable CA certificate: {e}"));
+                    problems.add(
+                        format!("{key}.jwks_ca"),
+                        format!("unusable CA certificate: {e}"),
+                    );
                     return None;
                 }
             }
@@ -176,7 +182,9 @@ fn client_tls(
             }
         }
     }
-    match ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions() {
+    match ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+    {
         Ok(builder) => Some(Arc::new(
             builder.with_root_certificates(roots).with_no_client_auth(),
         )),

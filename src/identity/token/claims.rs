@@ -74,7 +74,9 @@ impl ClaimsPattern {
 fn value_matches(pattern: &str, value: &Value) -> bool {
     match value {
         Value::String(s) => glob(pattern.as_bytes(), s.as_bytes()),
-        Value::Array(items) => items.iter().any(|v| !v.is_array() && value_matches(pattern, v)),
+        Value::Array(items) => items
+            .iter()
+            .any(|v| !v.is_array() && value_matches(pattern, v)),
         Value::Bool(_) | Value::Number(_) => glob(pattern.as_bytes(), value.to_string().as_bytes()),
         Value::Null | Value::Object(_) => false,
     }
@@ -110,12 +112,18 @@ mod tests {
             "groups": ["eng", "finance"], "run_attempt": 2
         });
         let claims = claims.as_object().unwrap();
-        assert!(pattern(json!({"repository": "acme/billing", "ref": "refs/heads/main"})).matches(claims));
+        assert!(
+            pattern(json!({"repository": "acme/billing", "ref": "refs/heads/main"}))
+                .matches(claims)
+        );
         assert!(!pattern(json!({"repository": "acme/other"})).matches(claims));
         assert!(pattern(json!({"ref": "refs/heads/*"})).matches(claims));
         assert!(!pattern(json!({"ref": "refs/*"})).matches(claims));
         assert!(pattern(json!({"ref": "refs/**"})).matches(claims));
-        assert!(pattern(json!({"kubernetes.io": {"namespace": "prod", "serviceaccount": {"name": "billing"}}})).matches(claims));
+        assert!(pattern(
+            json!({"kubernetes.io": {"namespace": "prod", "serviceaccount": {"name": "billing"}}})
+        )
+        .matches(claims));
         assert!(!pattern(json!({"kubernetes.io": {"namespace": "dev"}})).matches(claims));
         assert!(pattern(json!({"groups": "finance"})).matches(claims));
         assert!(pattern(json!({"run_attempt": 2})).matches(claims));

@@ -56,9 +56,12 @@ pub async fn get_json(url: &str, tls: Arc<ClientConfig>) -> Result<serde_json::V
 
 async fn get(url: &str, tls: Arc<ClientConfig>) -> Result<serde_json::Value, FetchError> {
     let (uri, host, port) = parse_https(url)?;
-    let bare_host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-    let server_name = ServerName::try_from(bare_host.clone())
-        .map_err(|_| FetchError::BadUrl(url.to_owned()))?;
+    let bare_host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let server_name =
+        ServerName::try_from(bare_host.clone()).map_err(|_| FetchError::BadUrl(url.to_owned()))?;
     let tcp = TcpStream::connect((bare_host.as_str(), port))
         .await
         .map_err(FetchError::Connect)?;

@@ -7,8 +7,8 @@ use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use sha2::Digest;
 
 use super::jwks::{Jwks, KeySource};
-use super::{TokenError, VerifiedToken, LEEWAY_SECONDS};
-use crate::identity::SpiffeId;
+use super::types::{TokenError, VerifiedToken, LEEWAY_SECONDS, MAX_TOKEN_BYTES};
+use crate::identity::spiffe_id::SpiffeId;
 
 /// The algorithms a token may be signed with: asymmetric only.
 const ALLOWED: [Algorithm; 7] = [
@@ -20,7 +20,9 @@ const ALLOWED: [Algorithm; 7] = [
     Algorithm::ES384,
     Algorithm::EdDSA,
 ];
-const ALLOWED_NAMES: [&str; 7] = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"];
+const ALLOWED_NAMES: [&str; 7] = [
+    "RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA",
+];
 
 /// An issuer as configured.
 #[derive(Debug)]
@@ -60,7 +62,7 @@ impl Unverified {
         if token.is_empty() {
             return Err(TokenError::Missing);
         }
-        if token.len() > super::MAX_TOKEN_BYTES {
+        if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge);
         }
         let mut parts = token.split('.');
@@ -82,7 +84,10 @@ impl Unverified {
         let text = |key: &str| payload.get(key).and_then(|v| v.as_str()).map(str::to_owned);
         Ok(Unverified {
             alg: ALLOWED[i],
-            kid: header.get("kid").and_then(|k| k.as_str()).map(str::to_owned),
+            kid: header
+                .get("kid")
+                .and_then(|k| k.as_str())
+                .map(str::to_owned),
             iss: text("iss"),
             sub: text("sub"),
         })
@@ -131,7 +136,8 @@ impl Issuer {
                 return Err(TokenError::BadSignature(name.clone()));
             }
         }
-        let key = DecodingKey::from_jwk(&jwk).map_err(|_| TokenError::BadSignature(name.clone()))?;
+        let key =
+            DecodingKey::from_jwk(&jwk).map_err(|_| TokenError::BadSignature(name.clone()))?;
         let mut validation = Validation::new(unverified.alg);
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_nbf = true;
@@ -155,8 +161,8 @@ impl Issuer {
             .get("exp")
             .and_then(|v| v.as_i64())
             .ok_or_else(|| TokenError::MissingClaim("exp".into()))?;
-        let expires_at = time::OffsetDateTime::from_unix_timestamp(exp)
-            .map_err(|_| TokenError::Malformed)?;
+        let expires_at =
+            time::OffsetDateTime::from_unix_timestamp(exp).map_err(|_| TokenError::Malformed)?;
         let sub = claims
             .get("sub")
             .and_then(|v| v.as_str())
@@ -170,9 +176,16 @@ impl Issuer {
             None => format!("{name}:{sub}"),
         };
         let single_use_key = self.config.single_use.then(|| {
-            match claims.get("jti").and_then(|v| v.as_str()).filter(|j| !j.is_empty()) {
+            match claims
+                .get("jti")
+                .and_then(|v| v.as_str())
+                .filter(|j| !j.is_empty())
+            {
                 Some(jti) => format!("{name}:jti:{jti}"),
-                None => format!("{name}:sha256:{}", hex(&sha2::Sha256::digest(token.as_bytes()))),
+                None => format!(
+                    "{name}:sha256:{}",
+                    hex(&sha2::Sha256::digest(token.as_bytes()))
+                ),
             }
         });
         Ok(VerifiedToken {

@@ -12,7 +12,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use rustls::ClientConfig;
 
 use super::fetch::{get_json, FetchError};
-use super::TokenError;
+use super::types::TokenError;
 
 /// Unknown key ids refetch the JWKS at most this often.
 pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(3);
@@ -52,7 +52,9 @@ pub enum KeySource {
 impl std::fmt::Debug for KeySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            KeySource::File { path, keys } => write!(f, "File({}, {} keys)", path.display(), keys.len()),
+            KeySource::File { path, keys } => {
+                write!(f, "File({}, {} keys)", path.display(), keys.len())
+            }
             KeySource::Url { url, .. } => write!(f, "Url({url})"),
             KeySource::Discovery { issuer, .. } => write!(f, "Discovery({issuer})"),
         }
@@ -85,7 +87,12 @@ pub fn parse_jwks(value: &serde_json::Value) -> Result<Vec<Jwk>, JwksError> {
         .iter()
         .filter_map(|k| serde_json::from_value::<Jwk>(k.clone()).ok())
         .filter(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_)))
-        .filter(|k| matches!(k.common.public_key_use, None | Some(PublicKeyUse::Signature)))
+        .filter(|k| {
+            matches!(
+                k.common.public_key_use,
+                None | Some(PublicKeyUse::Signature)
+            )
+        })
         .collect();
     if usable.is_empty() {
         return Err(JwksError::NoUsableKey);
