@@ -13,7 +13,7 @@ pub const LEEWAY_SECONDS: u64 = 30;
 pub struct BearerToken(String);
 
 impl BearerToken {
-    /// `None` if it is longer than [`MAX_TOKEN_BYTES`] (nothing is parsed).
+    /// Refused if it is longer than [`MAX_TOKEN_BYTES`] (nothing is parsed).
     pub fn new(token: String) -> Result<Self, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge);
