@@ -240,6 +240,17 @@ impl Engine for Engines {
         self.by_name(lease.engine)?.close_login(lease).await
     }
 
+    async fn claim_token_use(
+        &self,
+        template: &str,
+        key: &str,
+        expires_at: time::OffsetDateTime,
+    ) -> Result<bool, EngineError> {
+        self.by_template(template)?
+            .claim_token_use(template, key, expires_at)
+            .await
+    }
+
     async fn revoke_many(&self, leases: &[Lease]) -> Vec<Result<RevokeOutcome, EngineError>> {
         // A lease of an engine that is not running gets that error; the
         // others are revoked in one batch per engine.

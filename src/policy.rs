@@ -1,14 +1,18 @@
 //! Policy: which identities may use which role templates.
 //!
-//! Each `[[policy]]` rule pairs a SPIFFE ID pattern with templates. A pattern
-//! is a SPIFFE ID whose path segments may be `*` (exactly one segment) or,
-//! as the last segment only, `**` (one or more remaining segments). An
-//! identity may use the union of the templates of every rule it matches.
+//! Each `[[policy]]` rule pairs a SPIFFE ID pattern, or a token issuer and
+//! a claims pattern, with templates. A SPIFFE ID pattern is a SPIFFE ID
+//! whose path segments may be `*` (exactly one segment) or, as the last
+//! segment only, `**` (one or more remaining segments); it matches X.509-
+//! and JWT-SVIDs alike. A token rule matches tokens of the `[[tokens.issuer]]`
+//! it names whose claims match (see [`ClaimsPattern`]). An identity may use
+//! the union of the templates of every rule it matches.
 
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::identity::{parse_spiffe_uri, SpiffeId, SpiffeIdError};
+use crate::identity::token::ClaimsPattern;
+use crate::identity::{parse_spiffe_uri, Principal, SpiffeId, SpiffeIdError};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatternError {
@@ -95,9 +99,40 @@ impl fmt::Debug for IdPattern {
     }
 }
 
+/// Whom a rule is for.
+#[derive(Debug, Clone)]
+pub enum Matcher {
+    /// `spiffe_id = "…"`: X.509-SVIDs and JWT-SVIDs.
+    Spiffe(IdPattern),
+    /// `token_issuer = "…"` with `claims = { … }`.
+    Token {
+        issuer: String,
+        claims: ClaimsPattern,
+    },
+}
+
+impl Matcher {
+    pub fn matches(&self, principal: &Principal) -> bool {
+        match self {
+            Matcher::Spiffe(pattern) => {
+                principal.spiffe_id().is_some_and(|id| pattern.matches(&id))
+            }
+            Matcher::Token { issuer, claims } => principal
+                .token()
+                .is_some_and(|t| t.issuer == *issuer && claims.matches(&t.claims)),
+        }
+    }
+}
+
+impl From<IdPattern> for Matcher {
+    fn from(pattern: IdPattern) -> Self {
+        Matcher::Spiffe(pattern)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PolicyRule {
-    pub pattern: IdPattern,
+    pub matcher: Matcher,
     pub templates: Vec<String>,
 }
 
@@ -122,15 +157,15 @@ impl Policy {
     }
 
     /// Every template `id` may use.
-    pub fn templates_for(&self, id: &SpiffeId) -> BTreeSet<String> {
+    pub fn templates_for(&self, id: &Principal) -> BTreeSet<String> {
         self.rules
             .iter()
-            .filter(|rule| rule.pattern.matches(id))
+            .filter(|rule| rule.matcher.matches(id))
             .flat_map(|rule| rule.templates.iter().cloned())
             .collect()
     }
 
-    pub fn decide(&self, id: &SpiffeId, template: &str) -> Decision {
+    pub fn decide(&self, id: &Principal, template: &str) -> Decision {
         let allowed = self.templates_for(id);
         if allowed.contains(template) {
             Decision::Allowed
@@ -181,18 +216,22 @@ mod tests {
     fn decisions_union_rules_and_name_alternatives() {
         let policy = Policy::new(vec![
             PolicyRule {
-                pattern: IdPattern::parse("spiffe://example.org/app/*").unwrap(),
+                matcher: IdPattern::parse("spiffe://example.org/app/*")
+                    .unwrap()
+                    .into(),
                 templates: vec!["app_ro".into()],
             },
             PolicyRule {
-                pattern: IdPattern::parse("spiffe://example.org/app/web").unwrap(),
+                matcher: IdPattern::parse("spiffe://example.org/app/web")
+                    .unwrap()
+                    .into(),
                 templates: vec!["app_rw".into()],
             },
         ]);
-        let web = id("spiffe://example.org/app/web");
+        let web = Principal::from(id("spiffe://example.org/app/web"));
         assert_eq!(policy.decide(&web, "app_rw"), Decision::Allowed);
         assert_eq!(policy.decide(&web, "app_ro"), Decision::Allowed);
-        let worker = id("spiffe://example.org/app/worker");
+        let worker = Principal::from(id("spiffe://example.org/app/worker"));
         assert_eq!(
             policy.decide(&worker, "app_rw"),
             Decision::Denied {

@@ -435,7 +435,12 @@ async fn creds(
     let (lease, password) = shared
         .state
         .leases
-        .issue_standalone(&identity, &template, None)
+        .issue_standalone(
+            &crate::identity::Principal::Svid(identity),
+            &template,
+            None,
+            None,
+        )
         .await?;
     Ok(Json(Credentials {
         lease_id: lease.id,

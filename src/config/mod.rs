@@ -31,6 +31,7 @@ pub use self::problems::{ConfigErrors, ConfigProblem};
 pub use self::read::{read_file_config, secret_file_warnings};
 pub use self::schema::*;
 use crate::engines::{EngineRegistry, EnginesConfig};
+use crate::identity::token::TokenIssuers;
 use crate::identity::SvidVerifier;
 use crate::policy::{IdPattern, Policy};
 use crate::tls::upstream::UpstreamTls;
@@ -131,6 +132,8 @@ pub struct Settings {
 pub struct Rules {
     pub templates: BTreeMap<String, TemplateSettings>,
     pub policy: Policy,
+    /// `[[tokens.issuer]]`, with their keys (files are re-read on reload).
+    pub tokens: Arc<TokenIssuers>,
 }
 
 impl fmt::Debug for Settings {

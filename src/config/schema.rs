@@ -34,6 +34,46 @@ pub struct FileConfig {
     pub admin: Option<AdminSection>,
     #[serde(default)]
     pub audit: AuditSection,
+    #[serde(default)]
+    pub tokens: TokensSection,
+}
+
+/// `[tokens]`: identity tokens accepted as the password inside TLS.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensSection {
+    /// `[[tokens.issuer]]`, one per issuer.
+    #[serde(default)]
+    pub issuer: Vec<IssuerSection>,
+}
+
+/// One `[[tokens.issuer]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerSection {
+    /// Short name, used in identities (`<name>:<sub>`), policy and audit.
+    pub name: String,
+    /// Must equal the token's `iss` (optional for JWT-SVID issuers).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// The token's `aud` must contain it.
+    pub audience: String,
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// CA certificates (PEM) for fetching the JWKS; default: the system's.
+    #[serde(default)]
+    pub jwks_ca: Option<PathBuf>,
+    /// The lease ends no later than the token's `exp`.
+    #[serde(default = "defaults::bind_to_expiry")]
+    pub bind_to_expiry: bool,
+    /// A token opens at most one lease, across replicas.
+    #[serde(default)]
+    pub single_use: bool,
+    /// JWT-SVIDs: `sub` must be a SPIFFE ID of this trust domain.
+    #[serde(default)]
+    pub spiffe_trust_domain: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,7 +193,14 @@ impl TemplateSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySection {
-    pub spiffe_id: String,
+    /// A SPIFFE ID pattern (X.509- and JWT-SVIDs) …
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    /// … or a `[[tokens.issuer]]` name, with `claims`.
+    #[serde(default)]
+    pub token_issuer: Option<String>,
+    #[serde(default)]
+    pub claims: Option<serde_json::Map<String, serde_json::Value>>,
     pub templates: Vec<String>,
 }
 
@@ -198,6 +245,9 @@ mod defaults {
         Duration::from_secs(10)
     }
     pub fn bind_to_svid() -> bool {
+        true
+    }
+    pub fn bind_to_expiry() -> bool {
         true
     }
     pub fn max_connections() -> usize {

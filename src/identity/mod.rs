@@ -12,11 +12,17 @@
 //! ([`AcceptAnyClientCert`]) checks only that the client holds the private key
 //! of the certificate it presented, and [`SvidVerifier::verify`] decides,
 //! before anything else happens on the connection.
+//!
+//! A client without a certificate may instead send an identity token as
+//! its password ([`token`]); either way the result is a [`Principal`].
 
+mod principal;
 mod spiffe_id;
 mod svid;
 mod tls_layer;
+pub mod token;
 
+pub use self::principal::Principal;
 pub(crate) use self::spiffe_id::parse_spiffe_uri;
 pub use self::spiffe_id::{SpiffeId, SpiffeIdError, MAX_SPIFFE_ID_LEN};
 pub use self::svid::{IdentityError, SvidVerifier, TrustBundleError, VerifiedSvid};

@@ -13,7 +13,6 @@ use time::OffsetDateTime;
 
 use super::{whole_seconds, EndReason, Entry, LeaseManager};
 use crate::config::Rules;
-use crate::identity::SpiffeId;
 use crate::ops::audit::{AuditEvent, AuditKind};
 use crate::policy::Decision;
 
@@ -155,6 +154,8 @@ pub(super) fn decide(entry: &Entry, now: OffsetDateTime, rules: &Rules) -> Optio
     if now >= lease.max_expires_at {
         let reason = if entry.svid_capped {
             EndReason::SvidExpired
+        } else if entry.token_capped {
+            EndReason::TokenExpired
         } else {
             EndReason::MaxTtl
         };
@@ -173,9 +174,7 @@ pub(super) fn decide(entry: &Entry, now: OffsetDateTime, rules: &Rules) -> Optio
     if !renewal_due {
         return None;
     }
-    let allowed = SpiffeId::parse(&lease.identity)
-        .map(|id| rules.policy.decide(&id, &lease.template) == Decision::Allowed)
-        .unwrap_or(false);
+    let allowed = rules.policy.decide(&entry.principal, &lease.template) == Decision::Allowed;
     match rules.templates.get(&lease.template) {
         Some(template) if allowed => Some(Tick::Renew {
             // Past the representable range is past max_expires_at.
@@ -231,8 +230,12 @@ mod tests {
                 expires_at: at(60),
                 max_expires_at: at(300),
             },
+            principal: crate::identity::Principal::from(
+                crate::identity::SpiffeId::parse(APP).expect("a valid SPIFFE ID"),
+            ),
             ttl: TTL,
             svid_capped: false,
+            token_capped: false,
             renew_not_before: t0(),
         }
     }

@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 pub use self::session_lease::SessionLease;
 use self::view::{view, LeaseView};
 use crate::config::{Rules, TemplateSettings, MAX_DURATION};
-use crate::identity::SpiffeId;
+use crate::identity::Principal;
 use crate::ops::audit::{AuditEvent, AuditKind, AuditLog};
 use crate::ops::telemetry;
 use crate::policy::Decision;
@@ -70,6 +70,8 @@ pub enum EndReason {
     MaxTtl,
     /// The client certificate it was bound to expired.
     SvidExpired,
+    /// The token it was bound to expired (`bind_to_expiry`).
+    TokenExpired,
     /// The reloaded policy no longer lets the identity use the template.
     PolicyChanged,
     /// The reaper found it expired in the ledger.
@@ -90,6 +92,7 @@ impl EndReason {
             EndReason::Expired => "expired",
             EndReason::MaxTtl => "max_ttl",
             EndReason::SvidExpired => "svid_expired",
+            EndReason::TokenExpired => "token_expired",
             EndReason::PolicyChanged => "policy_changed",
             EndReason::Reaped => "reaped",
             EndReason::RoleVanished => "role_vanished",
@@ -99,9 +102,11 @@ impl EndReason {
 
     fn state(&self) -> LeaseState {
         match self {
-            EndReason::Expired | EndReason::MaxTtl | EndReason::SvidExpired | EndReason::Reaped => {
-                LeaseState::Expired
-            }
+            EndReason::Expired
+            | EndReason::MaxTtl
+            | EndReason::SvidExpired
+            | EndReason::TokenExpired
+            | EndReason::Reaped => LeaseState::Expired,
             _ => LeaseState::Revoked,
         }
     }
@@ -150,11 +155,23 @@ pub enum LeaseError {
     Engine(#[from] EngineError),
 }
 
+/// What a session's credential expires with: its client certificate, or
+/// its token (when the issuer has `bind_to_expiry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    Svid(OffsetDateTime),
+    Token(OffsetDateTime),
+}
+
 struct Entry {
     lease: Lease,
+    /// Whom it was issued to, for the policy at each renewal.
+    principal: Principal,
     ttl: Duration,
     /// `max_expires_at` was lowered to the client certificate's expiry.
     svid_capped: bool,
+    /// `max_expires_at` was lowered to the token's `exp`.
+    token_capped: bool,
     /// Do not try to renew before this (backoff after a failure).
     renew_not_before: OffsetDateTime,
 }
@@ -238,21 +255,26 @@ impl LeaseManager {
     async fn issue(
         &self,
         kind: LeaseKind,
-        identity: &SpiffeId,
+        identity: &Principal,
         template: &str,
         settings: &TemplateSettings,
         client_addr: Option<SocketAddr>,
-        svid_not_after: Option<OffsetDateTime>,
+        bound: Option<Bound>,
     ) -> Result<(Lease, UpstreamLogin, Option<Password>), EngineError> {
         let now = whole_seconds(OffsetDateTime::now_utc());
         let mut max_expires_at = checked_add(now, settings.max_ttl).ok_or_else(|| {
             EngineError::TimeOutOfRange(format!("now + the max_ttl of template {template:?}"))
         })?;
-        let mut svid_capped = false;
-        if let (true, Some(not_after)) = (self.bind_to_svid, svid_not_after) {
+        let (mut svid_capped, mut token_capped) = (false, false);
+        let cap = match bound {
+            Some(Bound::Svid(at)) if self.bind_to_svid => Some((at, &mut svid_capped)),
+            Some(Bound::Token(at)) => Some((at, &mut token_capped)),
+            _ => None,
+        };
+        if let Some((not_after, capped)) = cap {
             if not_after < max_expires_at {
                 max_expires_at = whole_seconds(not_after);
-                svid_capped = true;
+                *capped = true;
             }
         }
         let request = IssueRequest {
@@ -277,8 +299,10 @@ impl LeaseManager {
             lease.id,
             Entry {
                 lease: lease.clone(),
+                principal: identity.clone(),
                 ttl: settings.ttl,
                 svid_capped,
+                token_capped,
                 renew_not_before: now,
             },
         );
@@ -290,11 +314,11 @@ impl LeaseManager {
     /// is dropped, if nothing ended it before.
     pub async fn issue_session(
         self: &Arc<Self>,
-        identity: &SpiffeId,
+        identity: &Principal,
         template: &str,
         settings: &TemplateSettings,
         client_addr: SocketAddr,
-        svid_not_after: Option<OffsetDateTime>,
+        bound: Option<Bound>,
     ) -> Result<SessionLease, EngineError> {
         let (lease, login, _) = self
             .issue(
@@ -303,7 +327,7 @@ impl LeaseManager {
                 template,
                 settings,
                 Some(client_addr),
-                svid_not_after,
+                bound,
             )
             .await?;
         Ok(SessionLease::new(self.clone(), lease, login))
@@ -313,9 +337,10 @@ impl LeaseManager {
     /// if the policy allows it `template`.
     pub async fn issue_standalone(
         &self,
-        identity: &SpiffeId,
+        identity: &Principal,
         template: &str,
         client_addr: Option<SocketAddr>,
+        bound: Option<Bound>,
     ) -> Result<(Lease, Password), LeaseError> {
         let rules = self.rules();
         let settings = rules
@@ -335,7 +360,7 @@ impl LeaseManager {
                 template,
                 settings,
                 client_addr,
-                None,
+                bound,
             )
             .await?;
         // The client logs in directly: it needs a password. An engine whose
@@ -353,6 +378,18 @@ impl LeaseManager {
             }
         };
         Ok((lease, password))
+    }
+
+    /// Record that a `single_use` token (its key) has been used, in the
+    /// database of `template`'s engine, shared by every replica. `false`:
+    /// it was used before.
+    pub async fn claim_token_use(
+        &self,
+        template: &str,
+        key: &str,
+        expires_at: OffsetDateTime,
+    ) -> Result<bool, EngineError> {
+        self.engine.claim_token_use(template, key, expires_at).await
     }
 
     /// Ephemera's own login as a session lease's role has succeeded: nobody

@@ -17,7 +17,8 @@ use time::OffsetDateTime;
 use super::view::RevokeSelector;
 use super::{whole_seconds, EndReason, LeaseError, LeaseManager, SharedRules};
 use crate::config::{Rules, TemplateSettings};
-use crate::identity::SpiffeId;
+use crate::identity::{Principal, SpiffeId};
+use crate::leases::Bound;
 use crate::ops::audit::AuditLog;
 use crate::policy::{IdPattern, Policy, PolicyRule};
 
@@ -202,12 +203,13 @@ pub(super) fn rules() -> Rules {
         },
     )]);
     let rule = PolicyRule {
-        pattern: IdPattern::parse(APP).expect("a valid pattern"),
+        matcher: IdPattern::parse(APP).expect("a valid pattern").into(),
         templates: vec!["t".into()],
     };
     Rules {
         templates,
         policy: Policy::new(vec![rule]),
+        tokens: Default::default(),
     }
 }
 
@@ -244,7 +246,7 @@ async fn a_standalone_lease_is_issued_with_the_client_password() {
     let manager = manager(&engine, false);
     let before = whole_seconds(OffsetDateTime::now_utc());
     let (lease, password) = manager
-        .issue_standalone(&app(), "t", None)
+        .issue_standalone(&Principal::from(app().clone()), "t", None, None)
         .await
         .expect("issued");
     assert_eq!(password.expose(), "client-secret");
@@ -262,7 +264,7 @@ async fn a_standalone_lease_is_issued_with_the_client_password() {
 async fn a_standalone_lease_needs_a_password_a_client_can_use() {
     let engine = FakeEngine::new(Credential::UpstreamPassword);
     let (_, password) = manager(&engine, false)
-        .issue_standalone(&app(), "t", None)
+        .issue_standalone(&Principal::from(app().clone()), "t", None, None)
         .await
         .expect("issued");
     assert_eq!(password.expose(), "upstream-secret");
@@ -270,7 +272,9 @@ async fn a_standalone_lease_needs_a_password_a_client_can_use() {
     // SCRAM keys only: refused, and the credential made is given back.
     let engine = FakeEngine::new(Credential::ScramOnly);
     let manager = manager(&engine, false);
-    let refused = manager.issue_standalone(&app(), "t", None).await;
+    let refused = manager
+        .issue_standalone(&Principal::from(app().clone()), "t", None, None)
+        .await;
     assert!(
         matches!(
             refused,
@@ -293,12 +297,16 @@ async fn a_lease_the_policy_does_not_allow_is_never_issued() {
     let engine = FakeEngine::new(Credential::ClientPassword);
     let manager = manager(&engine, false);
     let stranger = SpiffeId::parse("spiffe://example.org/stranger").expect("valid");
-    let denied = manager.issue_standalone(&stranger, "t", None).await;
+    let denied = manager
+        .issue_standalone(&Principal::from(stranger.clone()), "t", None, None)
+        .await;
     assert!(
         matches!(denied, Err(LeaseError::Denied { .. })),
         "{denied:?}"
     );
-    let unknown = manager.issue_standalone(&app(), "nope", None).await;
+    let unknown = manager
+        .issue_standalone(&Principal::from(app().clone()), "nope", None, None)
+        .await;
     assert!(
         matches!(unknown, Err(LeaseError::UnknownTemplate(_))),
         "{unknown:?}"
@@ -312,7 +320,7 @@ async fn ending_a_lease_revokes_it_once() {
     let engine = FakeEngine::new(Credential::ClientPassword);
     let manager = manager(&engine, false);
     let (lease, _) = manager
-        .issue_standalone(&app(), "t", None)
+        .issue_standalone(&Principal::from(app().clone()), "t", None, None)
         .await
         .expect("issued");
     let by_admin = EndReason::Revoked { by: ADMIN.into() };
@@ -337,7 +345,7 @@ async fn dropping_a_session_lease_revokes_it_once() {
     let engine = FakeEngine::new(Credential::ClientPassword);
     let manager = manager(&engine, false);
     let session = manager
-        .issue_session(&app(), "t", &settings(), client(), None)
+        .issue_session(&Principal::from(app()), "t", &settings(), client(), None)
         .await
         .expect("issued");
     let id = session.lease().id;
@@ -357,7 +365,13 @@ async fn a_session_lease_is_capped_at_the_svid_when_bound_to_it() {
     let not_after = OffsetDateTime::now_utc() + Duration::from_secs(100);
     let bound_manager = manager(&engine, true);
     let bound = bound_manager
-        .issue_session(&app(), "t", &settings(), client(), Some(not_after))
+        .issue_session(
+            &Principal::from(app()),
+            "t",
+            &settings(),
+            client(),
+            Some(Bound::Svid(not_after)),
+        )
         .await
         .expect("issued");
     assert_eq!(bound.lease().max_expires_at, whole_seconds(not_after));
@@ -366,14 +380,26 @@ async fn a_session_lease_is_capped_at_the_svid_when_bound_to_it() {
     // Not bound, or the certificate outlives max_ttl: max_ttl decides.
     let unbound_manager = manager(&engine, false);
     let unbound = unbound_manager
-        .issue_session(&app(), "t", &settings(), client(), Some(not_after))
+        .issue_session(
+            &Principal::from(app()),
+            "t",
+            &settings(),
+            client(),
+            Some(Bound::Svid(not_after)),
+        )
         .await
         .expect("issued");
     assert!(unbound.lease().max_expires_at > whole_seconds(not_after));
     assert!(!unbound_manager.lock().active[&unbound.lease().id].svid_capped);
     let far = OffsetDateTime::now_utc() + Duration::from_secs(3600);
     let outlived = bound_manager
-        .issue_session(&app(), "t", &settings(), client(), Some(far))
+        .issue_session(
+            &Principal::from(app()),
+            "t",
+            &settings(),
+            client(),
+            Some(Bound::Svid(far)),
+        )
         .await
         .expect("issued");
     assert!(outlived.lease().max_expires_at < whole_seconds(far));
@@ -385,7 +411,7 @@ async fn renew_moves_expires_at_but_never_past_max_expires_at() {
     let engine = FakeEngine::new(Credential::ClientPassword);
     let manager = manager(&engine, false);
     let (lease, _) = manager
-        .issue_standalone(&app(), "t", None)
+        .issue_standalone(&Principal::from(app().clone()), "t", None, None)
         .await
         .expect("issued");
 
@@ -428,7 +454,7 @@ async fn revoke_matching_revokes_leases_here_and_in_the_ledger() {
     let engine = FakeEngine::new(Credential::ClientPassword);
     let manager = manager(&engine, false);
     let (here, _) = manager
-        .issue_standalone(&app(), "t", None)
+        .issue_standalone(&Principal::from(app().clone()), "t", None, None)
         .await
         .expect("issued");
     let elsewhere = engine.add_foreign(APP);
@@ -450,11 +476,11 @@ async fn shutdown_leaves_standalone_leases_to_the_ledger_unless_asked() {
     let engine = FakeEngine::new(Credential::ClientPassword);
     let manager = manager(&engine, false);
     let session = manager
-        .issue_session(&app(), "t", &settings(), client(), None)
+        .issue_session(&Principal::from(app()), "t", &settings(), client(), None)
         .await
         .expect("issued");
     let (standalone, _) = manager
-        .issue_standalone(&app(), "t", None)
+        .issue_standalone(&Principal::from(app().clone()), "t", None, None)
         .await
         .expect("issued");
     let session_id = session.lease().id;
@@ -471,15 +497,15 @@ async fn a_clock_tick_renews_expires_and_asks_the_ledger() {
     let engine = FakeEngine::new(Credential::ClientPassword);
     let manager = manager(&engine, false);
     let session = manager
-        .issue_session(&app(), "t", &settings(), client(), None)
+        .issue_session(&Principal::from(app()), "t", &settings(), client(), None)
         .await
         .expect("issued");
     let (expired, _) = manager
-        .issue_standalone(&app(), "t", None)
+        .issue_standalone(&Principal::from(app().clone()), "t", None, None)
         .await
         .expect("issued");
     let (renewed_elsewhere, _) = manager
-        .issue_standalone(&app(), "t", None)
+        .issue_standalone(&Principal::from(app().clone()), "t", None, None)
         .await
         .expect("issued");
     let now = whole_seconds(OffsetDateTime::now_utc());

@@ -4,6 +4,8 @@
 //!    ("direct TLS", PostgreSQL 17's `sslnegotiation=direct`, ALPN required).
 //! 2. Inside TLS: the `StartupMessage` (or a `CancelRequest`).
 //! 3. The client certificate must be a valid X.509-SVID: that is the identity.
+//!    A client without one, where token issuers are configured, is asked for
+//!    a password (only ever inside TLS) and sends its identity token there.
 //!
 //! Plaintext startup, `GSSENCRequest` and a missing or bad certificate are
 //! refused with a FATAL `ErrorResponse` saying how to connect. A
@@ -18,10 +20,15 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::ALPN_POSTGRESQL;
-use crate::identity::{IdentityError, VerifiedSvid};
+use crate::identity::token::{BearerToken, TokenError, MAX_TOKEN_BYTES};
+use crate::identity::{IdentityError, Principal};
+use crate::leases::Bound;
 use crate::ops::audit::AuditEvent;
 use crate::session::handoff::MovableTcp;
-use crate::session::protocol::{read_first_packet, FirstPacket, ProtocolError, StartupRequest};
+use crate::session::protocol::{
+    authentication_cleartext_password, read_first_packet, read_password, FirstPacket,
+    PasswordAnswer, ProtocolError, StartupRequest,
+};
 use crate::session::refusal::Refusal;
 use crate::session::services::Services;
 
@@ -32,15 +39,17 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// audit events (template names are at most 40 characters).
 const UNTRUSTED_MAX_CHARS: usize = 64;
 
-/// A client that got through the front door.
 /// The client's connection once TLS is up.
 /// Its socket can move to a session thread (`handoff.rs`).
 pub type ClientStream = TlsStream<MovableTcp>;
 
+/// A client that got through the front door.
 pub struct Admitted {
     pub stream: ClientStream,
     pub startup: StartupRequest,
-    pub svid: VerifiedSvid,
+    pub principal: Principal,
+    /// When the credential it proved itself with expires.
+    pub bound: Option<Bound>,
 }
 
 /// Run the front door for one connection. `None` means the connection has
@@ -106,27 +115,75 @@ pub async fn admit(services: &Services, mut tcp: TcpStream, peer: SocketAddr) ->
         }
     };
 
-    let verified = match tls.get_ref().1.peer_certificates() {
-        None | Some([]) => Err(IdentityError::NoCertificate),
-        Some(chain) => services.tls().svid_verifier.verify(chain, UnixTime::now()),
-    };
+    let verified = identify(services, &mut tls).await;
     match verified {
-        Ok(svid) => Some(Admitted {
+        Ok((principal, bound)) => Some(Admitted {
             stream: tls,
             startup,
-            svid,
+            principal,
+            bound,
         }),
-        Err(e) => {
+        Err(Refusal::Protocol(ProtocolError::Closed)) => None,
+        Err(refusal) => {
             // Not authenticated: what it claims is cut and escaped before
             // it reaches a log or the audit trail.
             let template = startup
                 .parameters
                 .get("user")
                 .map(|user| crate::ops::limits::untrusted_text(user, UNTRUSTED_MAX_CHARS));
-            refuse_and_audit(services, tls, Refusal::Identity(e), peer, None, template).await;
+            refuse_and_audit(services, tls, refusal, peer, None, template).await;
             None
         }
     }
+}
+
+/// Who the client is: its X.509-SVID, or (no certificate, token issuers
+/// configured) the token it sends as the password.
+async fn identify(
+    services: &Services,
+    tls: &mut ClientStream,
+) -> Result<(Principal, Option<Bound>), Refusal> {
+    let has_cert = !matches!(tls.get_ref().1.peer_certificates(), None | Some([]));
+    let tokens = services.rules().tokens.clone();
+    if has_cert || tokens.is_empty() {
+        match tls.get_ref().1.peer_certificates() {
+            None | Some([]) => Err(Refusal::Identity(IdentityError::NoCertificate)),
+            Some(chain) => services
+                .tls()
+                .svid_verifier
+                .verify(chain, UnixTime::now())
+                .map(|svid| (Principal::Svid(svid.id), Some(Bound::Svid(svid.not_after))))
+                .map_err(Refusal::Identity),
+        }
+    } else {
+        token(tls, &tokens).await.map(|token| {
+            let bound = token
+                .bind_to_expiry
+                .then_some(Bound::Token(token.expires_at));
+            (Principal::Token(Box::new(token)), bound)
+        })
+    }
+}
+
+/// Ask for the password (we are inside TLS) and verify it as a token.
+async fn token(
+    tls: &mut ClientStream,
+    tokens: &crate::identity::token::TokenIssuers,
+) -> Result<crate::identity::token::VerifiedToken, Refusal> {
+    tls.write_all(&authentication_cleartext_password())
+        .await
+        .map_err(|e| Refusal::Protocol(e.into()))?;
+    tls.flush().await.map_err(|e| Refusal::Protocol(e.into()))?;
+    let answer = read_password(tls, MAX_TOKEN_BYTES)
+        .await
+        .map_err(Refusal::Protocol)?;
+    let bytes = match answer {
+        PasswordAnswer::TooLarge => return Err(Refusal::Token(TokenError::TooLarge)),
+        PasswordAnswer::Password(bytes) => bytes,
+    };
+    let text = String::from_utf8(bytes).map_err(|_| Refusal::Token(TokenError::Malformed))?;
+    let token = BearerToken::new(text).map_err(Refusal::Token)?;
+    tokens.verify(&token).await.map_err(Refusal::Token)
 }
 
 async fn accept_tls(services: &Services, tcp: TcpStream, peer: SocketAddr) -> Option<ClientStream> {

@@ -21,8 +21,8 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::{Rules, TemplateSettings};
-use crate::identity::SpiffeId;
-use crate::leases::{EndReason, SessionLease};
+use crate::identity::Principal;
+use crate::leases::{Bound, EndReason, SessionLease};
 use crate::ops::audit::AuditEvent;
 use crate::policy::Decision;
 use crate::session::front_door::{refuse, refuse_and_audit, Admitted, ClientStream};
@@ -53,9 +53,9 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
     let Admitted {
         stream,
         startup,
-        svid,
+        principal: identity,
+        bound,
     } = admitted;
-    let identity = svid.id;
 
     let Ok(_session_permit) = services.sessions.clone().try_acquire_owned() else {
         let refusal = Refusal::TooManyConnections {
@@ -70,7 +70,12 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
             return refuse_and_audit(&services, stream, refusal, peer, who, template).await;
         }
     };
-    let mut lease = match mint(&services, &identity, &request, peer, svid.not_after).await {
+    if let Err(refusal) = claim_single_use(&services, &identity, &request).await {
+        let who = Some(identity.to_string());
+        let template = Some(request.template.clone());
+        return refuse_and_audit(&services, stream, refusal, peer, who, template).await;
+    }
+    let mut lease = match mint(&services, &identity, &request, peer, bound).await {
         Ok(lease) => lease,
         Err(refusal) => return refuse(stream, refusal, peer).await,
     };
@@ -127,7 +132,7 @@ async fn greet_and_relay(
 /// credential? A refusal comes with the template asked for, for the audit.
 fn allow(
     services: &Services,
-    identity: &SpiffeId,
+    identity: &Principal,
     startup: StartupRequest,
 ) -> Result<Request, (Refusal, Option<String>)> {
     let requested_template = startup.parameters.get("user").cloned();
@@ -135,7 +140,7 @@ fn allow(
         decide(&services.rules(), identity, startup).map_err(|r| (r, requested_template))?;
     if !services.issue_limiter.try_take(identity.as_str()) {
         let refusal = Refusal::RateLimited {
-            identity: identity.clone(),
+            identity: identity.to_string(),
             rate: services.issue_limiter.rate(),
             burst: services.issue_limiter.burst(),
         };
@@ -144,23 +149,46 @@ fn allow(
     Ok(request)
 }
 
+/// A `single_use` issuer's token opens one lease, across replicas: its
+/// use is recorded in the database before anything is minted.
+async fn claim_single_use(
+    services: &Services,
+    identity: &Principal,
+    request: &Request,
+) -> Result<(), Refusal> {
+    let Some(token) = identity.token() else {
+        return Ok(());
+    };
+    let Some(key) = &token.single_use_key else {
+        return Ok(());
+    };
+    match services
+        .leases
+        .claim_token_use(&request.template, key, token.expires_at)
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Refusal::Token(
+            crate::identity::token::TokenError::Replayed(token.issuer.clone()),
+        )),
+        Err(source) => Err(Refusal::Mint {
+            upstream: services.upstream.address(),
+            source,
+        }),
+    }
+}
+
 /// Have the engine make the session's credential (its lease).
 async fn mint(
     services: &Arc<Services>,
-    identity: &SpiffeId,
+    identity: &Principal,
     request: &Request,
     peer: SocketAddr,
-    svid_not_after: time::OffsetDateTime,
+    bound: Option<Bound>,
 ) -> Result<SessionLease, Refusal> {
     let issued = services
         .leases
-        .issue_session(
-            identity,
-            &request.template,
-            &request.settings,
-            peer,
-            Some(svid_not_after),
-        )
+        .issue_session(identity, &request.template, &request.settings, peer, bound)
         .await;
     issued.map_err(|source| {
         services.leases.audit().record(AuditEvent::issue_failed(
@@ -247,7 +275,11 @@ fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {
 }
 
 /// Apply the policy to what the startup packet asks for.
-fn decide(rules: &Rules, identity: &SpiffeId, startup: StartupRequest) -> Result<Request, Refusal> {
+fn decide(
+    rules: &Rules,
+    identity: &Principal,
+    startup: StartupRequest,
+) -> Result<Request, Refusal> {
     let mut parameters = startup.parameters;
     if let Some(replication) = parameters.get("replication") {
         if !matches!(replication.as_str(), "false" | "off" | "no" | "0") {
@@ -257,20 +289,20 @@ fn decide(rules: &Rules, identity: &SpiffeId, startup: StartupRequest) -> Result
     let template = parameters.remove("user").unwrap_or_default();
     if template.is_empty() {
         return Err(Refusal::NoTemplate {
-            identity: identity.clone(),
+            identity: identity.to_string(),
             allowed: rules.policy.templates_for(identity),
         });
     }
     let Some(settings) = rules.templates.get(&template) else {
         return Err(Refusal::UnknownTemplate {
-            identity: identity.clone(),
+            identity: identity.to_string(),
             template,
             allowed: rules.policy.templates_for(identity),
         });
     };
     if let Decision::Denied { allowed } = rules.policy.decide(identity, &template) {
         return Err(Refusal::Denied {
-            identity: identity.clone(),
+            identity: identity.to_string(),
             template,
             allowed,
         });

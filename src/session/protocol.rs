@@ -217,6 +217,48 @@ pub fn authentication_ok() -> BytesMut {
     encode(Authentication::Ok)
 }
 
+/// `AuthenticationCleartextPassword`: only ever sent inside TLS, to ask
+/// for an identity token.
+pub fn authentication_cleartext_password() -> BytesMut {
+    encode(Authentication::CleartextPassword)
+}
+
+/// What a client answered to [`authentication_cleartext_password`].
+#[derive(Debug)]
+pub enum PasswordAnswer {
+    /// The password, as bytes (the terminating NUL removed).
+    Password(Vec<u8>),
+    /// Longer than the limit: not read, not parsed.
+    TooLarge,
+}
+
+/// Read a `PasswordMessage` of at most `limit` bytes of password. A longer
+/// one is refused from its length field alone.
+pub async fn read_password<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limit: usize,
+) -> Result<PasswordAnswer, ProtocolError> {
+    let mut header = [0u8; 5];
+    reader.read_exact(&mut header).await?;
+    if header[0] != b'p' {
+        return Err(ProtocolError::Unexpected("a message other than a password"));
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len < 5 {
+        return Err(ProtocolError::Malformed("password message"));
+    }
+    // Length field (4) and the terminating NUL (1) around the password.
+    if len - 5 > limit {
+        return Ok(PasswordAnswer::TooLarge);
+    }
+    let mut body = vec![0u8; len - 4];
+    reader.read_exact(&mut body).await?;
+    if body.pop() != Some(0) || body.contains(&0) {
+        return Err(ProtocolError::Malformed("password message"));
+    }
+    Ok(PasswordAnswer::Password(body))
+}
+
 pub fn backend_key_data(key: CancelKey) -> BytesMut {
     encode(BackendKeyData::new(key.pid, SecretKey::I32(key.secret)))
 }

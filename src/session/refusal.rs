@@ -6,12 +6,14 @@ use std::collections::BTreeSet;
 use bytes::BytesMut;
 use ephemera_engine::EngineError;
 
-use crate::identity::{IdentityError, SpiffeId};
+use crate::identity::token::TokenError;
+use crate::identity::IdentityError;
 use crate::session::protocol::{fatal, sqlstate, ProtocolError};
 use crate::session::upstream::UpstreamError;
 
 const CONNECT_HINT: &str = "Connect with TLS and your X.509-SVID as the client certificate, e.g. \
-     \"sslmode=verify-full sslrootcert=<ephemera CA> sslcert=<svid.pem> sslkey=<svid-key.pem>\".";
+     \"sslmode=verify-full sslrootcert=<ephemera CA> sslcert=<svid.pem> sslkey=<svid-key.pem>\" \
+     (or, where token issuers are configured, your identity token as the password).";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
@@ -24,21 +26,23 @@ pub enum Refusal {
     #[error("{0}")]
     Identity(IdentityError),
     #[error("{0}")]
+    Token(TokenError),
+    #[error("{0}")]
     Protocol(ProtocolError),
     #[error("no role template requested for identity {identity}")]
     NoTemplate {
-        identity: SpiffeId,
+        identity: String,
         allowed: BTreeSet<String>,
     },
     #[error("there is no role template named {template:?} (identity {identity})")]
     UnknownTemplate {
-        identity: SpiffeId,
+        identity: String,
         template: String,
         allowed: BTreeSet<String>,
     },
     #[error("identity {identity} may not use role template {template:?}")]
     Denied {
-        identity: SpiffeId,
+        identity: String,
         template: String,
         allowed: BTreeSet<String>,
     },
@@ -61,7 +65,7 @@ pub enum Refusal {
     TooManyConnections { limit: usize },
     #[error("identity {identity} is creating sessions too fast: at most {burst} at once and {rate} per second (lease.issue_rate_per_identity)")]
     RateLimited {
-        identity: SpiffeId,
+        identity: String,
         rate: f64,
         burst: u32,
     },
@@ -83,6 +87,7 @@ impl Refusal {
             Refusal::TlsRequired
             | Refusal::GssEncryption
             | Refusal::Identity(_)
+            | Refusal::Token(_)
             | Refusal::NoTemplate { .. }
             | Refusal::UnknownTemplate { .. }
             | Refusal::Denied { .. }
@@ -111,6 +116,7 @@ impl Refusal {
             Refusal::GssEncryption => "gssenc",
             Refusal::DirectTlsWithoutAlpn => "no_alpn",
             Refusal::Identity(_) => "identity",
+            Refusal::Token(_) => "token",
             Refusal::Protocol(_) => "protocol",
             Refusal::NoTemplate { .. } => "no_template",
             Refusal::UnknownTemplate { .. } => "unknown_template",
@@ -131,6 +137,13 @@ impl Refusal {
             | Refusal::Identity(IdentityError::NoCertificate) => Some(CONNECT_HINT.to_owned()),
             Refusal::Identity(_) => Some(
                 "Use a current X.509-SVID issued by a trust domain Ephemera accepts (sslcert/sslkey)."
+                    .to_owned(),
+            ),
+            Refusal::Token(TokenError::Replayed(_)) => Some(
+                "Fetch a fresh token: this issuer's tokens open one session each.".to_owned(),
+            ),
+            Refusal::Token(_) => Some(
+                "Send a current identity token of an issuer Ephemera accepts, minted for its audience, as the password."
                     .to_owned(),
             ),
             Refusal::NoTemplate { allowed, .. }

@@ -39,4 +39,5 @@ mod refusals;
 mod review_attacks;
 mod rotation;
 mod static_engine;
+mod tokens;
 mod workers;

@@ -239,6 +239,23 @@ pub trait Engine: Send + Sync + 'static {
         results
     }
 
+    /// Record the use of a `single_use` token (`key`: its `jti` or hash,
+    /// with the issuer's name) in the backend, shared by every replica, to
+    /// be kept until `expires_at`. `Ok(true)`: first use; `Ok(false)`: it
+    /// was used before. `template` says which template the token is for
+    /// (the engine set routes by it).
+    async fn claim_token_use(
+        &self,
+        _template: &str,
+        _key: &str,
+        _expires_at: OffsetDateTime,
+    ) -> Result<bool, EngineError> {
+        Err(EngineError::Unsupported {
+            engine: self.name(),
+            what: "record single_use tokens",
+        })
+    }
+
     /// Every lease the backend itself records (the ledger), whoever issued it.
     async fn list(&self) -> Result<Vec<Lease>, EngineError>;
 

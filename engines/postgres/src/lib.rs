@@ -22,6 +22,7 @@ mod kind;
 mod preflight;
 pub mod revoke;
 pub mod template;
+pub mod token_uses;
 
 /// The quoting helpers, shared by every engine (`ephemera_engine::sql`).
 pub use ephemera_engine::sql;
@@ -67,6 +68,8 @@ pub struct PostgresEngine {
     reaper_lock: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     /// The upstream's `server_version_num`, once known (0: not yet).
     server_version: std::sync::atomic::AtomicI32,
+    /// `ephemera.token_uses` has been created (or found).
+    token_uses_ready: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for PostgresEngine {
@@ -104,6 +107,7 @@ impl PostgresEngine {
             login_window: setup.login_window,
             reaper_lock: tokio::sync::Mutex::new(None),
             server_version: std::sync::atomic::AtomicI32::new(0),
+            token_uses_ready: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -275,6 +279,22 @@ impl Engine for PostgresEngine {
             }
         }
         Ok(leases)
+    }
+
+    async fn claim_token_use(
+        &self,
+        _template: &str,
+        key: &str,
+        expires_at: OffsetDateTime,
+    ) -> Result<bool, EngineError> {
+        use std::sync::atomic::Ordering;
+        let database = self.admin().database.clone();
+        let client = self.client(&database, "record a single_use token").await?;
+        if !self.token_uses_ready.load(Ordering::Acquire) {
+            token_uses::prepare(&client, &database).await?;
+            self.token_uses_ready.store(true, Ordering::Release);
+        }
+        token_uses::claim(&client, key, expires_at).await
     }
 
     async fn lead_reaper(&self) -> Result<ReaperElection, EngineError> {

@@ -8,6 +8,7 @@ mod lease;
 mod policy;
 mod templates;
 mod tls;
+mod tokens;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ pub(crate) fn settings(
     let (templates, engine_templates) =
         templates::templates(&file.templates, &registry, &mut problems);
     let rules = policy::policy(&file, &mut problems);
+    let tokens = tokens::tokens(&file, base, &provider, &mut problems);
     let admin = admin::admin(
         &file,
         front.bundle.as_deref(),
@@ -90,6 +92,7 @@ pub(crate) fn settings(
                 rules: Rules {
                     templates,
                     policy: Policy::new(rules),
+                    tokens: Arc::new(tokens),
                 },
                 lease: LeaseSettings {
                     login_window: file.lease.login_window,

@@ -1,23 +1,19 @@
-//! `[[policy]]`: which SPIFFE IDs may use which templates.
+//! `[[policy]]`: which SPIFFE IDs, or which tokens, may use which templates.
 
 use crate::config::problems::Problems;
-use crate::config::schema::FileConfig;
-use crate::policy::{IdPattern, PolicyRule};
+use crate::config::schema::{FileConfig, PolicySection};
+use crate::identity::token::ClaimsPattern;
+use crate::policy::{IdPattern, Matcher, PolicyRule};
 
 pub(super) fn policy(file: &FileConfig, problems: &mut Problems) -> Vec<PolicyRule> {
-    // -- policy --
     let mut rules = Vec::new();
     for (i, rule) in file.policy.iter().enumerate() {
         let key = format!("policy[{i}]");
-        match IdPattern::parse(&rule.spiffe_id) {
-            Ok(pattern) => rules.push(PolicyRule {
-                pattern,
+        if let Some(matcher) = matcher(file, rule, &key, problems) {
+            rules.push(PolicyRule {
+                matcher,
                 templates: rule.templates.clone(),
-            }),
-            Err(e) => problems.add(
-                format!("{key}.spiffe_id"),
-                format!("{:?} is not a SPIFFE ID pattern: {e}", rule.spiffe_id),
-            ),
+            });
         }
         for (j, template) in rule.templates.iter().enumerate() {
             if !file.templates.contains_key(template) {
@@ -30,4 +26,71 @@ pub(super) fn policy(file: &FileConfig, problems: &mut Problems) -> Vec<PolicyRu
     }
 
     rules
+}
+
+fn matcher(
+    file: &FileConfig,
+    rule: &PolicySection,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<Matcher> {
+    match (&rule.spiffe_id, &rule.token_issuer) {
+        (Some(spiffe_id), None) => {
+            if rule.claims.is_some() {
+                problems.add(
+                    format!("{key}.claims"),
+                    "claims go with token_issuer, not spiffe_id",
+                );
+            }
+            match IdPattern::parse(spiffe_id) {
+                Ok(pattern) => Some(Matcher::Spiffe(pattern)),
+                Err(e) => {
+                    problems.add(
+                        format!("{key}.spiffe_id"),
+                        format!("{spiffe_id:?} is not a SPIFFE ID pattern: {e}"),
+                    );
+                    None
+                }
+            }
+        }
+        (None, Some(issuer)) => {
+            if !file.tokens.issuer.iter().any(|i| i.name == *issuer) {
+                problems.add(
+                    format!("{key}.token_issuer"),
+                    format!("no [[tokens.issuer]] is named {issuer:?}"),
+                );
+            }
+            let Some(table) = &rule.claims else {
+                problems.add(
+                    format!("{key}.claims"),
+                    "a token rule needs claims to match (any token of the issuer would do otherwise), e.g. claims = { repository = \"acme/billing\" }",
+                );
+                return None;
+            };
+            match ClaimsPattern::parse(table) {
+                Ok(claims) => Some(Matcher::Token {
+                    issuer: issuer.clone(),
+                    claims,
+                }),
+                Err(e) => {
+                    problems.add(format!("{key}.claims"), e.to_string());
+                    None
+                }
+            }
+        }
+        (Some(_), Some(_)) => {
+            problems.add(
+                format!("{key}.token_issuer"),
+                "give spiffe_id or token_issuer, not both",
+            );
+            None
+        }
+        (None, None) => {
+            problems.add(
+                format!("{key}.spiffe_id"),
+                "give spiffe_id (a SPIFFE ID pattern) or token_issuer with claims",
+            );
+            None
+        }
+    }
 }
