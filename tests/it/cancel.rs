@@ -12,7 +12,7 @@ use common::proxy::{
 use common::{cluster, make_tls_connect};
 
 /// Wait until a `pg_sleep` runs as a role of `template`.
-async fn wait_for_running_sleep(template: &str) {
+pub(crate) async fn wait_for_running_sleep(template: &str) {
     let admin = cluster().superuser("postgres").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

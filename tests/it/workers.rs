@@ -8,10 +8,11 @@
 
 use crate::common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::cancel::wait_for_running_sleep;
+use common::make_tls_connect;
 use common::proxy::{admin_client, ProxyOptions, ADMIN_ID, DATABASE};
-use common::{cluster, make_tls_connect};
 use ephemera::admin::api::{LeaseFilter, RevokeRequest};
 use ephemera_engine::LeaseState;
 
@@ -27,28 +28,6 @@ fn worker_that_took(before: &[u64], after: &[u64]) -> usize {
         "one connection, one worker: {before:?} -> {after:?}"
     );
     grew[0]
-}
-
-/// Wait until a `pg_sleep` of `template` runs.
-async fn wait_for_running_sleep(template: &str) {
-    let admin = cluster().superuser("postgres").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let running: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE starts_with(usename, $1) AND query LIKE '%pg_sleep%' AND state = 'active'",
-                &[&format!("eph_{template}_")],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if running > 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the sleep never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
