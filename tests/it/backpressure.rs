@@ -24,10 +24,10 @@ const BACKPRESSURE_ID: &str = "spiffe://example.org/ns/prod/sa/backpressure";
 const PAYLOAD: usize = 64 * 1024;
 /// 64 MiB each way: far more than every buffer on the path holds.
 const QUERIES: usize = 1024;
-/// The client reads nothing until it has written this much: the answers
-/// to that much fill the downstream buffers, so PostgreSQL stops reading
-/// and the upstream direction fills too.
-const WRITTEN_BEFORE_READING: u64 = 8 * 1024 * 1024;
+/// The client reads nothing until it has written at least this much and
+/// its writes have stalled: the unread answers fill the downstream buffers,
+/// so PostgreSQL stops reading and the upstream direction fills too.
+const WRITTEN_BEFORE_READING: u64 = 1024 * 1024;
 
 async fn both_directions_full_then_drained(unix_upstream: bool) {
     let template = if unix_upstream { "bp_unix" } else { "bp_tls" };
@@ -63,13 +63,24 @@ async fn both_directions_full_then_drained(unix_upstream: bool) {
         writer
     });
 
+    // Wait until the writer has stalled: no progress for 300 ms.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while written.load(Ordering::SeqCst) < WRITTEN_BEFORE_READING {
+    let mut last = (written.load(Ordering::SeqCst), Instant::now());
+    loop {
         assert!(
             Instant::now() < deadline,
-            "the client could not write 8 MiB"
+            "the client's writes never stalled"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = written.load(Ordering::SeqCst);
+        if now != last.0 || finished.load(Ordering::SeqCst) {
+            last = (now, Instant::now());
+        }
+        if finished.load(Ordering::SeqCst)
+            || (now >= WRITTEN_BEFORE_READING && last.1.elapsed() >= Duration::from_millis(300))
+        {
+            break;
+        }
     }
     assert!(
         !finished.load(Ordering::SeqCst),
