@@ -331,22 +331,7 @@ impl Engine for StaticEngine {
     /// may lock): in one process, whichever engine holds it makes the
     /// process the reaper of every engine's ledger.
     async fn lead_reaper(&self) -> Result<ReaperElection, EngineError> {
-        let action = "take the reaper lock";
-        let mut held = self.reaper_lock.lock().await;
-        if let Some(client) = held.as_ref() {
-            if !client.is_closed() && client.simple_query("").await.is_ok() {
-                return Ok(ReaperElection::Leader);
-            }
-            *held = None;
-        }
-        let admin = self.admin();
-        let client = admin::connect(&self.upstream, &admin, &admin.database, action).await?;
-        election::prepare(&client, &admin.database).await?;
-        let outcome = election::elect(&client).await?;
-        if outcome == ReaperElection::Leader {
-            *held = Some(client);
-        }
-        Ok(outcome)
+        election::lead(&self.reaper_lock, &self.upstream, &self.admin()).await
     }
 }
 

@@ -14,7 +14,7 @@
 //! caller reaps anyway: revocation is idempotent, so two reapers only cost
 //! some duplicated work.
 
-use ephemera_engine::{EngineError, ReaperElection};
+use ephemera_engine::{AdminLogin, EngineError, ReaperElection, Upstream};
 use tokio_postgres::Client;
 
 use crate::sql::{quote_ident, Unquotable};
@@ -181,4 +181,30 @@ async fn strangers_holding(client: &Client) -> Result<Vec<String>, EngineError> 
         .await
         .map_err(|e| crate::admin::db_error(action, e))?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// Lead, or keep leading, the election. `held` is the engine's connection
+/// whose open transaction holds the lock, while it does; a lost connection
+/// means a new election on a new one. Every engine that reaps shares this.
+pub async fn lead(
+    held: &tokio::sync::Mutex<Option<Client>>,
+    upstream: &Upstream,
+    admin: &AdminLogin,
+) -> Result<ReaperElection, EngineError> {
+    let action = "take the reaper lock";
+    let mut held = held.lock().await;
+    if let Some(client) = held.as_ref() {
+        // Still ours while the transaction holding it lives.
+        if !client.is_closed() && client.simple_query("").await.is_ok() {
+            return Ok(ReaperElection::Leader);
+        }
+        *held = None;
+    }
+    let client = crate::admin::connect(upstream, admin, &admin.database, action).await?;
+    prepare(&client, &admin.database).await?;
+    let outcome = elect(&client).await?;
+    if outcome == ReaperElection::Leader {
+        *held = Some(client);
+    }
+    Ok(outcome)
 }

@@ -298,23 +298,7 @@ impl Engine for PostgresEngine {
     }
 
     async fn lead_reaper(&self) -> Result<ReaperElection, EngineError> {
-        let action = "take the reaper lock";
-        let mut held = self.reaper_lock.lock().await;
-        if let Some(client) = held.as_ref() {
-            // Still ours while the transaction holding it lives.
-            if !client.is_closed() && client.simple_query("").await.is_ok() {
-                return Ok(ReaperElection::Leader);
-            }
-            *held = None;
-        }
-        let admin = self.admin();
-        let client = admin::connect(&self.upstream, &admin, &admin.database, action).await?;
-        election::prepare(&client, &admin.database).await?;
-        let outcome = election::elect(&client).await?;
-        if outcome == ReaperElection::Leader {
-            *held = Some(client);
-        }
-        Ok(outcome)
+        election::lead(&self.reaper_lock, &self.upstream, &self.admin()).await
     }
 
     async fn close_login(&self, lease: &Lease) -> Result<(), EngineError> {
