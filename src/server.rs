@@ -128,7 +128,7 @@ impl Server {
                 None => None,
             };
         let audit = match &settings.audit_path {
-            Some(path) => AuditLog::open(path).map_err(|source| ServeError::Audit {
+            Some(path) => AuditLog::open(path, settings.audit_statement_queue).map_err(|source| ServeError::Audit {
                 path: path.clone(),
                 source,
             })?,
