@@ -22,7 +22,6 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::{Rules, TemplateSettings};
-use crate::session::statements::StatementWatch;
 use crate::identity::Principal;
 use crate::leases::{Bound, EndReason, SessionLease};
 use crate::ops::audit::AuditEvent;
@@ -33,6 +32,7 @@ use crate::session::protocol::{
 };
 use crate::session::refusal::Refusal;
 use crate::session::services::Services;
+use crate::session::statements::StatementWatch;
 
 /// Startup parameters Ephemera decides itself; everything else is passed on.
 const OWNED_PARAMETERS: [&str; 3] = ["user", "database", "replication"];

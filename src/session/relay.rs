@@ -83,7 +83,8 @@ where
     let mut upstream_shut = false;
     poll_fn(|cx| {
         // Server to client first: its end is the session's end.
-        let server_side = down.poll_copy(cx, &mut *upstream, &mut *client, |b| watch.from_server(b));
+        let server_side =
+            down.poll_copy(cx, &mut *upstream, &mut *client, |b| watch.from_server(b));
         let client_turn = watch.poll_client_turn(cx).is_ready();
         if let Poll::Ready(done) = server_side {
             done?;
@@ -93,7 +94,8 @@ where
             return Poll::Ready(Ok::<(), io::Error>(()));
         }
         if !upstream_shut && client_turn {
-            let client_side = up.poll_copy(cx, &mut *client, &mut *upstream, |b| watch.from_client(b));
+            let client_side =
+                up.poll_copy(cx, &mut *client, &mut *upstream, |b| watch.from_client(b));
             if let Poll::Ready(done) = client_side {
                 done?;
                 // The client closed: tell the server, keep passing on what

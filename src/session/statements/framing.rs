@@ -94,7 +94,11 @@ mod tests {
             self.open = Some((kind, len, Vec::new()));
         }
         fn body(&mut self, part: &[u8]) {
-            self.open.as_mut().expect("inside a message").2.extend_from_slice(part);
+            self.open
+                .as_mut()
+                .expect("inside a message")
+                .2
+                .extend_from_slice(part);
         }
         fn end(&mut self) {
             let (kind, len, body) = self.open.take().expect("inside a message");

@@ -96,7 +96,11 @@ impl StatementWatch {
                 AuditOverflow::Drop => self.try_queue(line),
             }
         }
-        if !self.lost_reported && (self.tracker.overflowed() || self.client_frames.is_lost() || self.server_frames.is_lost()) {
+        if !self.lost_reported
+            && (self.tracker.overflowed()
+                || self.client_frames.is_lost()
+                || self.server_frames.is_lost())
+        {
             self.lost_reported = true;
             tracing::warn!(
                 lease_id = ?self.base.lease_id,

@@ -92,19 +92,28 @@ impl Tracker {
     }
 
     pub fn parse(&mut self, name: String, text: StatementText) {
-        if name.is_empty() || self.statements.len() < MAX_NAMED || self.statements.contains_key(&name) {
+        if name.is_empty()
+            || self.statements.len() < MAX_NAMED
+            || self.statements.contains_key(&name)
+        {
             self.statements.insert(name, Arc::new(text));
         }
         self.push(Pending::Parse);
     }
 
-    pub fn bind(&mut self, portal: String, statement: &str, parameters: Option<Vec<Option<String>>>) {
+    pub fn bind(
+        &mut self,
+        portal: String,
+        statement: &str,
+        parameters: Option<Vec<Option<String>>>,
+    ) {
         let text = self
             .statements
             .get(statement)
             .cloned()
             .unwrap_or_else(|| unknown("prepared statement", statement));
-        if portal.is_empty() || self.portals.len() < MAX_NAMED || self.portals.contains_key(&portal) {
+        if portal.is_empty() || self.portals.len() < MAX_NAMED || self.portals.contains_key(&portal)
+        {
             let parameters = parameters.map(Arc::new);
             self.portals.insert(portal, Portal { text, parameters });
         }
@@ -112,11 +121,16 @@ impl Tracker {
     }
 
     pub fn execute(&mut self, portal: &str) {
-        let Portal { text, parameters } = self.portals.get(portal).cloned().unwrap_or_else(|| Portal {
-            text: unknown("portal", portal),
-            parameters: None,
-        });
-        self.push(Pending::Execute(InFlight::new(text, Protocol::Extended, parameters)));
+        let Portal { text, parameters } =
+            self.portals.get(portal).cloned().unwrap_or_else(|| Portal {
+                text: unknown("portal", portal),
+                parameters: None,
+            });
+        self.push(Pending::Execute(InFlight::new(
+            text,
+            Protocol::Extended,
+            parameters,
+        )));
     }
 
     pub fn describe(&mut self) {
@@ -198,7 +212,11 @@ impl Tracker {
             Some(Pending::Execute(_)) => {
                 if let Some(Pending::Execute(mut s)) = self.pending.pop_front() {
                     s.tags.push(tag);
-                    let outcome = if suspended { Outcome::Suspended } else { Outcome::Ok };
+                    let outcome = if suspended {
+                        Outcome::Suspended
+                    } else {
+                        Outcome::Ok
+                    };
                     self.done.push_back(s.record(outcome));
                 }
             }
@@ -214,19 +232,21 @@ impl Tracker {
             Some(Pending::Sync | Pending::FunctionCall) | None => {}
             Some(_) => {
                 // The extended protocol: this message failed and the server
-                // skips the rest up to the Sync.
-                if let Some(Pending::Execute(mut s)) = self.pending.pop_front() {
-                    s.error = Some(error);
-                    self.done.push_back(s.record(Outcome::Error));
-                } else {
-                    self.pending.pop_front();
-                }
+                // skips the rest up to the Sync. A failed Parse or Bind
+                // (a plan-time error) is its Execute's outcome.
+                let mut error = Some(error);
                 while let Some(next) = self.pending.front() {
                     if matches!(next, Pending::Sync | Pending::Query(_)) {
                         break;
                     }
-                    if let Some(Pending::Execute(s)) = self.pending.pop_front() {
-                        self.done.push_back(s.record(Outcome::NotRun));
+                    if let Some(Pending::Execute(mut s)) = self.pending.pop_front() {
+                        s.error = error.take();
+                        let outcome = if s.error.is_some() {
+                            Outcome::Error
+                        } else {
+                            Outcome::NotRun
+                        };
+                        self.done.push_back(s.record(outcome));
                     }
                 }
             }
@@ -294,7 +314,12 @@ mod tests {
         t.ready();
         assert_eq!(
             done(&mut t),
-            vec![("select 1; delete from t".into(), Outcome::Ok, Some("SELECT 1; DELETE 3".into()), None)]
+            vec![(
+                "select 1; delete from t".into(),
+                Outcome::Ok,
+                Some("SELECT 1; DELETE 3".into()),
+                None
+            )]
         );
     }
 
@@ -321,10 +346,41 @@ mod tests {
         assert_eq!(
             done(&mut t),
             vec![
-                ("select 1".into(), Outcome::Ok, Some("SELECT 1".into()), None),
-                ("select 1/0".into(), Outcome::Error, None, Some("22012".into())),
+                (
+                    "select 1".into(),
+                    Outcome::Ok,
+                    Some("SELECT 1".into()),
+                    None
+                ),
+                (
+                    "select 1/0".into(),
+                    Outcome::Error,
+                    None,
+                    Some("22012".into())
+                ),
                 ("select 3".into(), Outcome::NotRun, None, None),
             ]
+        );
+    }
+
+    #[test]
+    fn a_bind_that_fails_is_its_executes_error() {
+        let mut t = Tracker::default();
+        t.parse(String::new(), text("select 1/$1"));
+        t.bind(String::new(), "", None);
+        t.execute("");
+        t.sync();
+        t.step_done();
+        t.error(error("22012"));
+        t.ready();
+        assert_eq!(
+            done(&mut t),
+            vec![(
+                "select 1/$1".into(),
+                Outcome::Error,
+                None,
+                Some("22012".into())
+            )]
         );
     }
 
@@ -348,7 +404,7 @@ mod tests {
         for r in records {
             assert_eq!(r.statement, "insert into t values ($1)");
             assert_eq!(r.command_tag.as_deref(), Some("INSERT 0 1"));
-            assert_eq!(r.parameters.as_deref(), Some(&vec![Some("7".into()), None]));
+            assert_eq!(r.parameters, Some(vec![Some("7".into()), None]));
         }
     }
 
@@ -362,7 +418,10 @@ mod tests {
         t.complete("COPY 2".into(), false);
         t.ready();
         let r = t.done.pop_front().unwrap();
-        assert_eq!((r.copy_direction, r.copy_bytes), (Some(CopyDirection::In), Some(15)));
+        assert_eq!(
+            (r.copy_direction, r.copy_bytes),
+            (Some(CopyDirection::In), Some(15))
+        );
         assert_eq!(r.command_tag.as_deref(), Some("COPY 2"));
     }
 
@@ -371,6 +430,9 @@ mod tests {
         let mut t = Tracker::default();
         t.query(text("select pg_sleep(60)"));
         t.end();
-        assert_eq!(done(&mut t), vec![("select pg_sleep(60)".into(), Outcome::NoAnswer, None, None)]);
+        assert_eq!(
+            done(&mut t),
+            vec![("select pg_sleep(60)".into(), Outcome::NoAnswer, None, None)]
+        );
     }
 }

@@ -27,7 +27,11 @@ enum ClientMessage {
         text: TextCapture,
     },
     /// Bind, Execute, Close: the first bytes of the body.
-    Small { kind: u8, body: Vec<u8>, limit: usize },
+    Small {
+        kind: u8,
+        body: Vec<u8>,
+        limit: usize,
+    },
     CopyData(usize),
 }
 
@@ -49,7 +53,10 @@ impl ClientSide {
     }
 
     pub fn with<'a>(&'a mut self, tracker: &'a mut Tracker) -> ClientFrames<'a> {
-        ClientFrames { side: self, tracker }
+        ClientFrames {
+            side: self,
+            tracker,
+        }
     }
 }
 
@@ -69,7 +76,11 @@ impl FrameHandler for ClientFrames<'_> {
                 text: TextCapture::new(max),
             },
             b'B' => {
-                let limit = if self.side.parameters { 2 * NAME_BYTES + 64 + max } else { 2 * NAME_BYTES + 2 };
+                let limit = if self.side.parameters {
+                    2 * NAME_BYTES + 64 + max
+                } else {
+                    2 * NAME_BYTES + 2
+                };
                 small(kind, limit)
             }
             b'E' | b'C' => small(kind, NAME_BYTES + 8),
@@ -95,7 +106,11 @@ impl FrameHandler for ClientFrames<'_> {
             ClientMessage::Query(text) => {
                 text.push(part);
             }
-            ClientMessage::Parse { name, name_done, text } => {
+            ClientMessage::Parse {
+                name,
+                name_done,
+                text,
+            } => {
                 if !*name_done {
                     let (taken, done) = match part.iter().position(|&b| b == 0) {
                         Some(nul) => (nul, true),
@@ -188,10 +203,16 @@ fn bind_parameters(fields: &mut Fields<'_>, max_bytes: usize, cut: bool) -> Vec<
             continue;
         }
         let Some(value) = fields.take(usize::try_from(len).unwrap_or(0)) else {
-            values.push(Some("<cut: the parameters exceed audit_statement_max_bytes>".into()));
+            values.push(Some(
+                "<cut: the parameters exceed audit_statement_max_bytes>".into(),
+            ));
             return values;
         };
-        let mut shown = if binary { format!("\\x{}", hex(value)) } else { lossy(value) };
+        let mut shown = if binary {
+            format!("\\x{}", hex(value))
+        } else {
+            lossy(value)
+        };
         if shown.len() > max_bytes {
             let mut end = max_bytes;
             while !shown.is_char_boundary(end) {
@@ -203,7 +224,9 @@ fn bind_parameters(fields: &mut Fields<'_>, max_bytes: usize, cut: bool) -> Vec<
         values.push(Some(shown));
     }
     if cut && values.len() < usize::try_from(count).unwrap_or(0) {
-        values.push(Some("<cut: the parameters exceed audit_statement_max_bytes>".into()));
+        values.push(Some(
+            "<cut: the parameters exceed audit_statement_max_bytes>".into(),
+        ));
     }
     values
 }
@@ -240,7 +263,8 @@ impl<'a> Fields<'a> {
     }
 
     fn i32(&mut self) -> i32 {
-        self.take(4).map_or(-1, |b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map_or(-1, |b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     /// A NUL-terminated string.
@@ -263,7 +287,10 @@ pub struct ServerSide {
 
 impl ServerSide {
     pub fn with<'a>(&'a mut self, tracker: &'a mut Tracker) -> ServerFrames<'a> {
-        ServerFrames { side: self, tracker }
+        ServerFrames {
+            side: self,
+            tracker,
+        }
     }
 }
 
@@ -287,7 +314,9 @@ impl FrameHandler for ServerFrames<'_> {
     fn body(&mut self, part: &[u8]) {
         let room = self.side.keep.saturating_sub(self.side.body.len());
         if room > 0 {
-            self.side.body.extend_from_slice(&part[..part.len().min(room)]);
+            self.side
+                .body
+                .extend_from_slice(&part[..part.len().min(room)]);
         }
     }
 
@@ -383,7 +412,10 @@ mod tests {
         assert_eq!(record.statement, "select $1, $2");
         assert_eq!(record.outcome, Outcome::Ok);
         assert_eq!(record.command_tag.as_deref(), Some("SELECT 1"));
-        assert_eq!(record.parameters.as_deref(), Some(&vec![Some("alice".to_string()), None]));
+        assert_eq!(
+            record.parameters,
+            Some(vec![Some("alice".to_string()), None])
+        );
     }
 
     #[test]
