@@ -493,7 +493,10 @@ fn assert_statement_events(template_extra: &str, events: usize) {
     if template_extra.contains("audit_statements = true") {
         assert!(events > 0, "an audited template records its statements");
     } else {
-        assert_eq!(events, 0, "a template without audit_statements records none");
+        assert_eq!(
+            events, 0,
+            "a template without audit_statements records none"
+        );
     }
 }
 
