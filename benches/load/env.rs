@@ -271,8 +271,10 @@ impl Env {
 
     /// The audited template through the first Ephemera (TLS upstream).
     pub fn ephemera_audited_conninfo(&self) -> String {
-        self.svid_conninfo(self.eph_port)
-            .replace(&format!("user={TEMPLATE} "), &format!("user={TEMPLATE_AUDITED} "))
+        self.svid_conninfo(self.eph_port).replace(
+            &format!("user={TEMPLATE} "),
+            &format!("user={TEMPLATE_AUDITED} "),
+        )
     }
 
     /// The same through the second Ephemera (Unix-socket upstream).

@@ -30,9 +30,9 @@ pub struct Relayed {
 /// client's next read (a `block` template's full audit queue).
 pub trait Watch {
     /// Bytes read from the client, about to be written upstream.
-    fn from_client(&mut self, bytes: &[u8]);
+    fn client_bytes(&mut self, bytes: &[u8]);
     /// Bytes read from the server, about to be written to the client.
-    fn from_server(&mut self, bytes: &[u8]);
+    fn server_bytes(&mut self, bytes: &[u8]);
     /// Ready when the client may be read from again; registers the task
     /// for a wake-up otherwise.
     fn poll_client_turn(&mut self, cx: &mut Context<'_>) -> Poll<()>;
@@ -44,9 +44,9 @@ pub struct Unwatched;
 
 impl Watch for Unwatched {
     #[inline(always)]
-    fn from_client(&mut self, _: &[u8]) {}
+    fn client_bytes(&mut self, _: &[u8]) {}
     #[inline(always)]
-    fn from_server(&mut self, _: &[u8]) {}
+    fn server_bytes(&mut self, _: &[u8]) {}
     #[inline(always)]
     fn poll_client_turn(&mut self, _: &mut Context<'_>) -> Poll<()> {
         Poll::Ready(())
@@ -84,7 +84,7 @@ where
     poll_fn(|cx| {
         // Server to client first: its end is the session's end.
         let server_side =
-            down.poll_copy(cx, &mut *upstream, &mut *client, |b| watch.from_server(b));
+            down.poll_copy(cx, &mut *upstream, &mut *client, |b| watch.server_bytes(b));
         let client_turn = watch.poll_client_turn(cx).is_ready();
         if let Poll::Ready(done) = server_side {
             done?;
@@ -95,7 +95,7 @@ where
         }
         if !upstream_shut && client_turn {
             let client_side =
-                up.poll_copy(cx, &mut *client, &mut *upstream, |b| watch.from_client(b));
+                up.poll_copy(cx, &mut *client, &mut *upstream, |b| watch.client_bytes(b));
             if let Poll::Ready(done) = client_side {
                 done?;
                 // The client closed: tell the server, keep passing on what

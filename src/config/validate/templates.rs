@@ -139,7 +139,7 @@ fn statement_audit(
             format!("must be between 16 and {MAX_AUDIT_STATEMENT_BYTES}, e.g. 4096"),
         );
     }
-    t.audit_statements.then(|| StatementAuditSettings {
+    t.audit_statements.then_some(StatementAuditSettings {
         max_bytes: t.audit_statement_max_bytes,
         parameters: t.audit_parameters,
         overflow,

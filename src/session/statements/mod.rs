@@ -143,12 +143,12 @@ impl StatementWatch {
 }
 
 impl Watch for StatementWatch {
-    fn from_client(&mut self, bytes: &[u8]) {
+    fn client_bytes(&mut self, bytes: &[u8]) {
         let mut frames = self.client.with(&mut self.tracker);
         self.client_frames.feed(bytes, &mut frames);
     }
 
-    fn from_server(&mut self, bytes: &[u8]) {
+    fn server_bytes(&mut self, bytes: &[u8]) {
         let mut frames = self.server.with(&mut self.tracker);
         self.server_frames.feed(bytes, &mut frames);
         self.collect();
