@@ -19,6 +19,7 @@ pub mod admin;
 mod create;
 pub mod election;
 mod kind;
+mod login_probe;
 mod preflight;
 pub mod revoke;
 pub mod template;
