@@ -222,10 +222,7 @@ mod tests {
         let der = issued.for_handshake().0.remove(0);
         let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert_eq!(x509.subject().to_string(), "CN=eph_t_abc");
-        assert_eq!(
-            x509.tbs_certificate.raw_serial_as_string().is_empty(),
-            false
-        );
+        assert!(!x509.tbs_certificate.raw_serial_as_string().is_empty());
         assert_eq!(
             x509.validity().not_after.timestamp(),
             issued.not_after().unix_timestamp()

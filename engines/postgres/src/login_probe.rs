@@ -59,7 +59,8 @@ pub(crate) async fn check(setup: &EngineSetup, templates: &[RoleTemplate]) -> Ve
         return Vec::new();
     };
     let role = role_name(PROBE_TEMPLATE);
-    if let Err(problem) = create_probe(&client, &role, databases.len()).await {
+    let created = create_probe(&client, &role, &admin_login.database, databases.len()).await;
+    if let Err(problem) = created {
         return vec![problem];
     }
     let mut problems = Vec::new();
@@ -97,6 +98,7 @@ fn refusal_message(database: &str, address: &str, what: &str) -> String {
 async fn create_probe(
     client: &tokio_postgres::Client,
     role: &str,
+    admin_database: &str,
     connections: usize,
 ) -> Result<(), KeyProblem> {
     let problem = |e: String| {
@@ -117,7 +119,8 @@ async fn create_probe(
         template: PROBE_TEMPLATE.into(),
         role: role.to_owned(),
         identity: "check-config --connect".into(),
-        database: String::new(),
+        // Where the reaper revokes it (a role is the cluster's, not a database's).
+        database: admin_database.to_owned(),
         client_addr: None,
         issued_at: now,
         expires_at: until,
