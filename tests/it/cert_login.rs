@@ -198,9 +198,11 @@ async fn check_config_reports_the_pg_hba_line_a_scram_only_upstream_lacks() {
     let (ok, text) = tokio::task::spawn_blocking(move || check_config_connect(&path))
         .await
         .unwrap();
+    eprintln!("check-config --connect against a SCRAM-only upstream:\n{text}");
     assert!(!ok, "a SCRAM-only upstream fails the check: {text}");
     assert!(
         text.contains("upstream.login:")
+            && text.contains("asked for a password instead of taking the certificate")
             && text.contains("hostssl billing all")
             && text.contains("cert clientcert=verify-full")
             && text.contains("ssl_ca_file"),
@@ -225,4 +227,89 @@ async fn check_config_reports_the_pg_hba_line_a_scram_only_upstream_lacks() {
         text.contains("upstream.login_ca_key:") && text.contains("does not match"),
         "{text}"
     );
+}
+
+/// `check-config` without `--connect` (nothing dialled).
+fn check_config(config: &Path) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+        .arg("check-config")
+        .arg(config)
+        .output()
+        .expect("check-config runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_ca_is_validated_with_its_key_paths() {
+    let options = ProxyOptions::templates(&["certlogin_keys"]);
+    let files = ProxyFiles::write(&options, "127.0.0.1:0").await;
+    let dir = files.dir.path();
+    let ca = common::pki::TestCa::new("certlogin validation CA");
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("ca-key.pem"), ca.key_pem()).unwrap();
+    let leaf = ca.svid(CERT_ID);
+    let (leaf_cert, leaf_key) = files.write_cert(&leaf);
+    let original = std::fs::read_to_string(&files.config_path).unwrap();
+    let with = |lines: &str| {
+        let text = original.replace("pool_size = 2", &format!("{lines}\npool_size = 2"));
+        std::fs::write(&files.config_path, text).unwrap();
+        check_config(&files.config_path)
+    };
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "both files missing",
+            "login = \"certificate\"".into(),
+            &["upstream.login_ca_cert:", "upstream.login_ca_key:"],
+        ),
+        (
+            "unreadable certificate",
+            "login = \"certificate\"\nlogin_ca_cert = \"nope.pem\"\nlogin_ca_key = \"ca-key.pem\""
+                .into(),
+            &["upstream.login_ca_cert: cannot read"],
+        ),
+        (
+            "a leaf, not a CA",
+            format!(
+                "login = \"certificate\"\nlogin_ca_cert = \"{}\"\nlogin_ca_key = \"{}\"",
+                leaf_cert.display(),
+                leaf_key.display()
+            ),
+            &["upstream.login_ca_cert: is not a CA certificate"],
+        ),
+        (
+            "a key that is not a key",
+            "login = \"certificate\"\nlogin_ca_cert = \"ca.pem\"\nlogin_ca_key = \"ca.pem\"".into(),
+            &["upstream.login_ca_key: is not a PEM private key"],
+        ),
+        (
+            "an unknown login",
+            "login = \"kerberos\"".into(),
+            &["upstream.login: \"kerberos\" is not one of"],
+        ),
+        (
+            "CA files with scram",
+            "login_ca_cert = \"ca.pem\"".into(),
+            &["upstream.login_ca_cert: is only used with"],
+        ),
+    ];
+    for (name, lines, expected) in cases {
+        let (ok, text) = with(lines);
+        assert!(!ok, "{name}: refused: {text}");
+        for needle in *expected {
+            assert!(text.contains(needle), "{name}: {needle:?} in {text}");
+        }
+    }
+    let (ok, text) =
+        with("login = \"certificate\"\nlogin_ca_cert = \"ca.pem\"\nlogin_ca_key = \"ca-key.pem\"");
+    assert!(ok, "a CA and its own key pass: {text}");
+    assert!(
+        text.contains("warning: upstream.login_ca_key:"),
+        "a key readable by others is warned about: {text}"
+    );
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
 }

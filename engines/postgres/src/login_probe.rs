@@ -170,8 +170,9 @@ async fn probe_login(
         // Logged in, but the role may not CONNECT to the database: the
         // certificate was accepted (the template's grants are another check).
         Err(e) if e.code().map(|c| c.code()) == Some("42501") => Ok(()),
-        Err(e) if e.to_string().contains("password missing") => {
-            Err("it asked for a password instead of a certificate".into())
+        // tokio-postgres: "invalid configuration", its source "password missing".
+        Err(e) if db_message(&e).contains("password missing") => {
+            Err("it asked for a password instead of taking the certificate".into())
         }
         Err(e) => Err(db_message(&e)),
     }
