@@ -4,4 +4,5 @@
 pub mod audit;
 pub mod hardening;
 pub mod limits;
+pub mod statement_log;
 pub mod telemetry;
