@@ -40,12 +40,7 @@ pub(crate) fn settings(
         login,
     } = upstream::upstream(&file, base, &mut problems);
     lease::lease(&file, &mut problems);
-    if !(1..=1_000_000).contains(&file.audit.statement_queue) {
-        problems.add(
-            "audit.statement_queue",
-            "must be between 1 and 1000000 events, e.g. 4096",
-        );
-    }
+    audit(&file, &mut problems);
     let (templates, engine_templates) =
         templates::templates(&file.templates, &registry, &mut problems);
     let rules = policy::policy(&file, &mut problems);
@@ -123,6 +118,16 @@ pub(crate) fn settings(
             source: None,
         }),
         _ => Err(problems.0),
+    }
+}
+
+/// `[audit]`.
+fn audit(file: &FileConfig, problems: &mut Problems) {
+    if !(1..=1_000_000).contains(&file.audit.statement_queue) {
+        problems.add(
+            "audit.statement_queue",
+            "must be between 1 and 1000000 events, e.g. 4096",
+        );
     }
 }
 
