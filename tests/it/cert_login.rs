@@ -171,6 +171,26 @@ async fn certificate_logins_leave_no_verifier_and_their_certificate_expires_with
         cert_roles("eph_preflight_").await.is_empty(),
         "the probe role is dropped"
     );
+
+    // A login CA that is not the server's ssl_ca_file: refused, and said so.
+    let stranger = common::pki::TestCa::new("not the ssl_ca_file");
+    let dir = proxy.files.dir.path();
+    std::fs::write(dir.join("login-ca.pem"), stranger.cert_pem()).unwrap();
+    std::fs::write(dir.join("login-ca-key.pem"), stranger.key_pem()).unwrap();
+    let config = proxy.files.config_path.clone();
+    let (ok, text) = tokio::task::spawn_blocking(move || check_config_connect(&config))
+        .await
+        .unwrap();
+    eprintln!("check-config --connect with a CA the server does not trust:\n{text}");
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("upstream.login:") && text.contains("ssl_ca_file must be the login CA"),
+        "{text}"
+    );
+    assert!(
+        cert_roles("eph_preflight_").await.is_empty(),
+        "the probe role is dropped"
+    );
     proxy.shutdown().await;
 }
 
