@@ -458,3 +458,112 @@ async fn a_stuck_audit_disk_stalls_only_block_templates_and_drop_counts() {
     drop(blocked);
     proxy.shutdown().await;
 }
+
+fn ephemera(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whois_names_a_role_while_it_exists_and_after_it_is_dropped() {
+    let options = ProxyOptions::templates(&[]);
+    let extra = format!(
+        "[templates.audit_whois]\ndatabase = \"{DATABASE}\"\nmember_of = [\"billing_rw\"]\naudit_statements = true\n{}",
+        policy(&["audit_whois"])
+    );
+    let proxy = start_proxy_with_extra_config(options, &extra).await;
+    let svid = proxy.svid(AUDIT_ID);
+    let client = proxy
+        .connect(Some(&svid), "audit_whois", DATABASE)
+        .await
+        .unwrap();
+    let role: String = client
+        .query_one("select session_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let config = proxy.files.config_path.to_str().unwrap().to_owned();
+
+    let (ok, out, err) = ephemera(&["whois", &role, "--config", &config, "--json"]);
+    assert!(ok, "{err}");
+    let owners: Value = serde_json::from_str(&out).unwrap();
+    let owner = &owners[0];
+    assert_eq!(owner["identity"], AUDIT_ID);
+    assert_eq!(owner["template"], "audit_whois");
+    assert_eq!(owner["database"], DATABASE);
+    assert_eq!(owner["source"], "ledger");
+    assert!(
+        owner["client_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{owner}"
+    );
+    let lease_id = owner["lease_id"].as_str().unwrap().to_owned();
+
+    client.simple_query("select 'whois'").await.unwrap();
+    drop(client);
+    assert!(
+        common::proxy::wait_until_no_roles(&role, Duration::from_secs(10)).await,
+        "the role is dropped"
+    );
+    let audit_log = proxy.files.dir.path().join("audit.jsonl");
+    let audit_log = audit_log.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let owner = loop {
+        let (ok, out, err) = ephemera(&["whois", &role, "--audit-log", audit_log, "--json"]);
+        assert!(ok, "{err}");
+        let owners: Value = serde_json::from_str(&out).unwrap();
+        if owners[0]["ended_at"].is_string() || Instant::now() > deadline {
+            break owners[0].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(owner["identity"], AUDIT_ID);
+    assert_eq!(owner["lease_id"], lease_id.as_str());
+    assert_eq!(owner["source"], "audit log");
+    assert_eq!(owner["ended_by"], "revoked", "{owner}");
+    let (ok, out, _) = ephemera(&["whois", &role, "--audit-log", audit_log]);
+    assert!(
+        ok && out.contains(AUDIT_ID) && out.contains("audit_whois"),
+        "{out}"
+    );
+
+    // The lease's whole story, one filter.
+    let (ok, out, err) = ephemera(&[
+        "audit",
+        "--audit-log",
+        audit_log,
+        "--lease",
+        &lease_id,
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let kinds: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for kind in ["lease_issued", "login", "statement", "revoked"] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "{kind} missing from {kinds:?}"
+        );
+    }
+    let (ok, table, _) = ephemera(&["audit", "--audit-log", audit_log, "--lease", &lease_id]);
+    assert!(ok && table.contains("select 'whois' → SELECT 1"), "{table}");
+    let (ok, _, err) = ephemera(&["whois", "eph_nobody_at_all", "--audit-log", audit_log]);
+    assert!(!ok && err.contains("no lease of role"), "{err}");
+    proxy.shutdown().await;
+}
