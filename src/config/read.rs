@@ -14,13 +14,17 @@ use crate::config::schema::FileConfig;
 /// cannot be looked at is left to the loading itself to report.
 pub fn secret_file_warnings(file: &FileConfig, base: &Path) -> Vec<ConfigProblem> {
     use std::os::unix::fs::PermissionsExt;
-    let secrets = [
+    let login_ca_key = std::path::PathBuf::from(&file.upstream.login_ca_key);
+    let mut secrets = vec![
         ("tls.key", &file.tls.key),
         (
             "upstream.admin_password_file",
             &file.upstream.admin_password_file,
         ),
     ];
+    if !file.upstream.login_ca_key.is_empty() {
+        secrets.push(("upstream.login_ca_key", &login_ca_key));
+    }
     let mut warnings = Vec::new();
     for (key, path) in secrets {
         let path = base.join(path);

@@ -143,6 +143,15 @@ pub struct UpstreamSection {
     pub pool_size: usize,
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How sessions log in as minted roles: `"scram"` (the default) or
+    /// `"certificate"` (a client certificate per login, issued by the CA in
+    /// `login_ca_cert`/`login_ca_key`).
+    #[serde(default = "defaults::upstream_login")]
+    pub login: String,
+    #[serde(default)]
+    pub login_ca_cert: String,
+    #[serde(default)]
+    pub login_ca_key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,6 +287,9 @@ mod defaults {
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(5)
+    }
+    pub fn upstream_login() -> String {
+        "scram".into()
     }
     pub fn login_window() -> Duration {
         Duration::from_secs(60)

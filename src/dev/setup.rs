@@ -73,6 +73,7 @@ async fn connect(
         port,
         tls: tls.engine_config(),
         connect_timeout: Duration::from_secs(10),
+        login: ephemera_engine::UpstreamLoginMethod::Scram,
     };
     let login = AdminLogin {
         user: user.to_owned(),

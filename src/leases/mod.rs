@@ -398,10 +398,14 @@ impl LeaseManager {
         self.engine.close_login(lease).await
     }
 
-    /// Record a successful login as the lease's role (for the audit trail).
-    pub fn logged_in(&self, lease: &Lease) {
-        self.audit
-            .record(AuditEvent::lease(AuditKind::Login, lease));
+    /// Record a successful login as the lease's role (for the audit trail),
+    /// with the client certificate it used, if any.
+    pub fn logged_in(&self, lease: &Lease, login: &UpstreamLogin) {
+        let mut event = AuditEvent::lease(AuditKind::Login, lease);
+        if let UpstreamLogin::Certificate(cert) = login {
+            event = event.client_cert(cert);
+        }
+        self.audit.record(event);
     }
 
     /// End a lease: forget it and revoke it in the background until done.

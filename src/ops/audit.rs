@@ -82,6 +82,17 @@ pub struct AuditEvent {
     /// were not recorded (over its event rate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
+    /// `login` with `upstream.login = "certificate"`: the client
+    /// certificate Ephemera logged in with (its serial, in decimal as
+    /// `pg_stat_ssl.client_serial` shows it, and its expiry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_serial: Option<String>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option",
+        default
+    )]
+    pub client_cert_not_after: Option<OffsetDateTime>,
     /// For `statement` events: the statement and its outcome.
     #[serde(flatten)]
     pub statement: Option<Box<statement_log::StatementRecord>>,
@@ -102,6 +113,8 @@ impl AuditEvent {
             reason: None,
             actor: None,
             suppressed: None,
+            client_cert_serial: None,
+            client_cert_not_after: None,
             statement: None,
         }
     }
@@ -151,8 +164,17 @@ impl AuditEvent {
             reason: Some(reason),
             actor: None,
             suppressed: None,
+            client_cert_serial: None,
+            client_cert_not_after: None,
             statement: None,
         }
+    }
+
+    /// The client certificate a login used (`upstream.login = "certificate"`).
+    pub fn client_cert(mut self, cert: &ephemera_engine::ClientCertificate) -> Self {
+        self.client_cert_serial = Some(cert.serial().to_owned());
+        self.client_cert_not_after = Some(cert.not_after());
+        self
     }
 
     pub fn suppressed(mut self, count: u64) -> Self {

@@ -88,7 +88,7 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
     let cancel = services.cancels.register(session.backend_key);
     let hello = greeting(&session, &request, cancel.client_key());
     log_session(&lease, peer, "session started");
-    services.leases.logged_in(lease.lease());
+    services.leases.logged_in(lease.lease(), lease.login());
     let _active = ActiveSession::start();
     let watch = statement_watch(&services, &request, lease.lease());
     let result = greet_and_relay(&services, stream, session.stream, hello, watch).await;

@@ -8,6 +8,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::tls::upstream::SslMode;
@@ -143,6 +144,15 @@ pub enum UpstreamError {
     },
     #[error("the upstream PostgreSQL asked for {0} authentication; minted roles need scram-sha-256 in its pg_hba.conf")]
     UnsupportedAuth(&'static str),
+    #[error(
+        "the upstream PostgreSQL asked for {0} authentication instead of taking the client \
+         certificate (upstream.login = \"certificate\"): its pg_hba.conf needs a line \
+         `hostssl <database> all <Ephemera's address> cert clientcert=verify-full` before any \
+         other line matching minted roles, and ssl_ca_file must be upstream.login_ca_cert"
+    )]
+    CertificateNotAccepted(&'static str),
+    #[error("upstream.login = \"certificate\" needs TLS, but {address} is reached without it")]
+    CertificateNeedsTls { address: String },
     #[error("SCRAM authentication with the upstream failed: {0}")]
     Scram(#[from] ScramError),
     #[error("unexpected message {0:?} from the upstream during login")]
@@ -162,8 +172,20 @@ pub struct UpstreamSession {
 
 /// Open a connection to the upstream, negotiating TLS per `sslmode`.
 pub async fn connect(settings: &UpstreamSettings) -> Result<UpstreamStream, UpstreamError> {
+    connect_with(settings, None).await
+}
+
+/// [`connect`], with `client_tls` (a configuration presenting a client
+/// certificate) in place of the upstream's own TLS configuration.
+async fn connect_with(
+    settings: &UpstreamSettings,
+    client_tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<UpstreamStream, UpstreamError> {
     let address = settings.address();
     if let Some(path) = settings.unix_socket() {
+        if client_tls.is_some() {
+            return Err(UpstreamError::CertificateNeedsTls { address });
+        }
         let unix = tokio::time::timeout(settings.connect_timeout, UnixStream::connect(path))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout {
@@ -187,6 +209,9 @@ pub async fn connect(settings: &UpstreamSettings) -> Result<UpstreamStream, Upst
     })?;
     tcp.set_nodelay(true)?;
     if settings.tls.mode == SslMode::Disable {
+        if client_tls.is_some() {
+            return Err(UpstreamError::CertificateNeedsTls { address });
+        }
         return Ok(UpstreamStream::Plain(MovableTcp::new(tcp)));
     }
     let mut tcp = tcp;
@@ -206,15 +231,24 @@ pub async fn connect(settings: &UpstreamSettings) -> Result<UpstreamStream, Upst
             address: address.clone(),
             source: io::Error::new(io::ErrorKind::InvalidInput, e),
         })?;
-    let tls = TlsConnector::from(settings.tls.client_config())
+    let config = client_tls.unwrap_or_else(|| settings.tls.client_config());
+    let tls = TlsConnector::from(config)
         .connect(server_name, MovableTcp::new(tcp))
         .await
         .map_err(|source| UpstreamError::Tls { address, source })?;
     Ok(UpstreamStream::Tls(Box::new(tls)))
 }
 
+/// How the login proves the role: SCRAM (keys or a password), or the
+/// client certificate presented in the TLS handshake, after which the
+/// server must not ask for anything else.
+enum Prover<'a> {
+    Scram(ScramClient<'a>),
+    Certificate,
+}
+
 /// Log in as `user` (the lease's role) with its credential: SCRAM keys
-/// or a password, both spoken as SCRAM-SHA-256.
+/// or a password, both spoken as SCRAM-SHA-256, or a client certificate.
 pub async fn login(
     settings: &UpstreamSettings,
     user: &str,
@@ -222,7 +256,25 @@ pub async fn login(
     client_parameters: &[(String, String)],
     credential: &UpstreamLogin,
 ) -> Result<UpstreamSession, UpstreamError> {
-    let mut stream = connect(settings).await?;
+    let (mut prover, client_tls) = match credential {
+        UpstreamLogin::Scram(secret) => (Prover::Scram(ScramClient::new(secret)), None),
+        UpstreamLogin::Password(password) => {
+            (Prover::Scram(ScramClient::with_password(password)), None)
+        }
+        UpstreamLogin::Certificate(cert) => {
+            let (chain, key) = cert.for_handshake();
+            let config =
+                settings
+                    .tls
+                    .with_client_cert(chain, key)
+                    .map_err(|e| UpstreamError::Tls {
+                        address: settings.address(),
+                        source: io::Error::other(e.to_string()),
+                    })?;
+            (Prover::Certificate, Some(config))
+        }
+    };
+    let mut stream = connect_with(settings, client_tls).await?;
     let mut out = BytesMut::with_capacity(256);
     let parameters = [("user", user), ("database", database)].into_iter().chain(
         client_parameters
@@ -232,10 +284,6 @@ pub async fn login(
     frontend::startup_message(parameters, &mut out)?;
     stream.write_all(&out).await?;
 
-    let mut scram = match credential {
-        UpstreamLogin::Scram(secret) => ScramClient::new(secret),
-        UpstreamLogin::Password(password) => ScramClient::with_password(password),
-    };
     let mut greeting = BytesMut::with_capacity(512);
     let mut backend_key = None;
     loop {
@@ -244,43 +292,6 @@ pub async fn login(
         let message = backend::Message::parse(&mut raw.clone())?
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "truncated message"))?;
         match message {
-            backend::Message::AuthenticationSasl(_) => {
-                if !sasl_mechanisms(&raw).any(|m| m == ScramClient::MECHANISM.as_bytes()) {
-                    return Err(UpstreamError::UnsupportedAuth(
-                        "a SASL mechanism other than SCRAM-SHA-256",
-                    ));
-                }
-                out.clear();
-                frontend::sasl_initial_response(
-                    ScramClient::MECHANISM,
-                    &scram.client_first(),
-                    &mut out,
-                )?;
-                stream.write_all(&out).await?;
-            }
-            backend::Message::AuthenticationSaslContinue(body) => {
-                let reply = scram.client_final(body.data())?;
-                out.clear();
-                frontend::sasl_response(&reply, &mut out)?;
-                stream.write_all(&out).await?;
-            }
-            backend::Message::AuthenticationSaslFinal(body) => {
-                scram.verify_server_final(body.data())?;
-            }
-            backend::Message::AuthenticationOk => {}
-            backend::Message::AuthenticationCleartextPassword => {
-                return Err(UpstreamError::UnsupportedAuth("password"))
-            }
-            backend::Message::AuthenticationMd5Password(_) => {
-                return Err(UpstreamError::UnsupportedAuth("md5"))
-            }
-            backend::Message::AuthenticationKerberosV5
-            | backend::Message::AuthenticationGss
-            | backend::Message::AuthenticationGssContinue(_)
-            | backend::Message::AuthenticationSspi
-            | backend::Message::AuthenticationScmCredential => {
-                return Err(UpstreamError::UnsupportedAuth("GSS/SSPI/Kerberos"))
-            }
             backend::Message::ParameterStatus(_) | backend::Message::NoticeResponse(_) => {
                 greeting.extend_from_slice(&raw);
             }
@@ -303,9 +314,71 @@ pub async fn login(
                 let (code, message) = error_fields(&raw[5..]);
                 return Err(UpstreamError::Refused { code, message, raw });
             }
-            _ => return Err(UpstreamError::Unexpected(tag as char)),
+            message => {
+                if let Some(reply) = authenticate(&mut prover, message, &raw, tag)? {
+                    stream.write_all(&reply).await?;
+                }
+            }
         }
     }
+}
+
+/// One authentication message from the server: what to answer, if
+/// anything.
+fn authenticate(
+    prover: &mut Prover<'_>,
+    message: backend::Message,
+    raw: &[u8],
+    tag: u8,
+) -> Result<Option<BytesMut>, UpstreamError> {
+    use backend::Message as M;
+    let mut out = BytesMut::with_capacity(256);
+    let asked = match (&mut *prover, message) {
+        (_, M::AuthenticationOk) => return Ok(None),
+        (Prover::Scram(scram), M::AuthenticationSasl(_)) => {
+            if !sasl_mechanisms(raw).any(|m| m == ScramClient::MECHANISM.as_bytes()) {
+                return Err(UpstreamError::UnsupportedAuth(
+                    "a SASL mechanism other than SCRAM-SHA-256",
+                ));
+            }
+            frontend::sasl_initial_response(
+                ScramClient::MECHANISM,
+                &scram.client_first(),
+                &mut out,
+            )?;
+            return Ok(Some(out));
+        }
+        (Prover::Scram(scram), M::AuthenticationSaslContinue(body)) => {
+            let reply = scram.client_final(body.data())?;
+            frontend::sasl_response(&reply, &mut out)?;
+            return Ok(Some(out));
+        }
+        (Prover::Scram(scram), M::AuthenticationSaslFinal(body)) => {
+            scram.verify_server_final(body.data())?;
+            return Ok(None);
+        }
+        (
+            _,
+            M::AuthenticationSasl(_)
+            | M::AuthenticationSaslContinue(_)
+            | M::AuthenticationSaslFinal(_),
+        ) => "scram-sha-256",
+        (_, M::AuthenticationCleartextPassword) => "password",
+        (_, M::AuthenticationMd5Password(_)) => "md5",
+        (
+            _,
+            M::AuthenticationKerberosV5
+            | M::AuthenticationGss
+            | M::AuthenticationGssContinue(_)
+            | M::AuthenticationSspi
+            | M::AuthenticationScmCredential,
+        ) => "GSS/SSPI/Kerberos",
+        _ => return Err(UpstreamError::Unexpected(tag as char)),
+    };
+    Err(match prover {
+        Prover::Certificate => UpstreamError::CertificateNotAccepted(asked),
+        Prover::Scram(_) => UpstreamError::UnsupportedAuth(asked),
+    })
 }
 
 /// Read one backend message (type byte, length, body) by its exact length.

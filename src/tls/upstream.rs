@@ -26,6 +26,15 @@ pub enum SslMode {
 pub struct UpstreamTls {
     pub mode: SslMode,
     config: Arc<ClientConfig>,
+    /// How the server is checked, for configurations that also present a
+    /// client certificate ([`UpstreamTls::with_client_cert`]).
+    server: ServerCheck,
+}
+
+#[derive(Clone)]
+enum ServerCheck {
+    Roots(Arc<RootCertStore>),
+    EncryptOnly(Arc<rustls::crypto::CryptoProvider>),
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -51,9 +60,7 @@ impl UpstreamTls {
     /// `VerifyFull` and ignored otherwise.
     pub fn new(mode: SslMode, ca: &[CertificateDer<'static>]) -> Result<Self, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?;
-        let config = match mode {
+        let server = match mode {
             SslMode::VerifyFull => {
                 if ca.is_empty() {
                     return Err(TlsSetupError::MissingCa);
@@ -62,17 +69,46 @@ impl UpstreamTls {
                 for cert in ca {
                     roots.add(cert.clone()).map_err(TlsSetupError::BadCa)?;
                 }
-                builder.with_root_certificates(roots).with_no_client_auth()
+                ServerCheck::Roots(Arc::new(roots))
             }
-            SslMode::Require | SslMode::Disable => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(EncryptOnly { provider }))
-                .with_no_client_auth(),
+            SslMode::Require | SslMode::Disable => ServerCheck::EncryptOnly(provider),
         };
+        let config = Self::builder(&server)?.with_no_client_auth();
         Ok(UpstreamTls {
             mode,
             config: Arc::new(config),
+            server,
         })
+    }
+
+    /// A builder that checks the server as `server` says, up to the client
+    /// authentication step.
+    fn builder(
+        server: &ServerCheck,
+    ) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, TlsSetupError>
+    {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder =
+            ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
+        Ok(match server {
+            ServerCheck::Roots(roots) => builder.with_root_certificates(roots.clone()),
+            ServerCheck::EncryptOnly(provider) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(EncryptOnly {
+                    provider: provider.clone(),
+                })),
+        })
+    }
+
+    /// The same server check, presenting `chain` and `key` as the client
+    /// certificate (a certificate login, `upstream.login = "certificate"`).
+    pub fn with_client_cert(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> Result<Arc<ClientConfig>, TlsSetupError> {
+        let config = Self::builder(&self.server)?.with_client_auth_cert(chain, key)?;
+        Ok(Arc::new(config))
     }
 
     /// The rustls configuration (meaningless when `mode` is `Disable`).

@@ -76,6 +76,25 @@ const TEST_SETTINGS: &str = "\n# ----- Ephemera test harness -----\n\
      log_line_prefix = '%m [%p] %q%u@%d '\n";
 
 static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+static CERT_CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+
+/// The users that keep SCRAM on the [`cert_cluster`]: the superuser and the
+/// proxy fixture's admin role (`proxy::ADMIN_USER`), so admin connections
+/// work; every other role must log in with a client certificate.
+const CERT_CLUSTER_SCRAM_USERS: &[&str] = &[SUPERUSER, "ephemera_admin"];
+
+/// How a cluster authenticates TCP connections.
+#[derive(Clone, Copy)]
+enum Auth {
+    /// SCRAM-SHA-256 for everyone (the shared [`cluster`]).
+    Scram,
+    /// `ssl_ca_file` = a login CA of its own ([`TestCluster::login_ca`]);
+    /// these users keep SCRAM, everyone else needs a client certificate
+    /// from that CA whose CN is the role (`hostssl all all … cert`).
+    Certificate {
+        scram_users: &'static [&'static str],
+    },
+}
 
 /// The cluster shared by all tests of this test binary, started on first call.
 ///
@@ -83,15 +102,37 @@ static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
 /// (initdb, spawning, waiting) runs on a separate std thread; callers block until it
 /// is done (about a second). If start-up fails, every call panics with the reason.
 pub fn cluster() -> &'static TestCluster {
-    let result = CLUSTER.get_or_init(|| {
+    started(&CLUSTER, Auth::Scram)
+}
+
+/// A second cluster, started on first call, configured for certificate
+/// logins: `ssl_ca_file` is [`TestCluster::login_ca`], `pg_hba.conf` has
+/// `hostssl all all 127.0.0.1/32 cert` after SCRAM lines for the superuser
+/// and `ephemera_admin` (first match wins, so those two keep passwords).
+pub fn cert_cluster() -> &'static TestCluster {
+    started(
+        &CERT_CLUSTER,
+        Auth::Certificate {
+            scram_users: CERT_CLUSTER_SCRAM_USERS,
+        },
+    )
+}
+
+fn started(
+    cell: &'static OnceLock<Result<TestCluster, String>>,
+    auth: Auth,
+) -> &'static TestCluster {
+    let result = cell.get_or_init(|| {
         let outcome = std::thread::Builder::new()
             .name("test-pg-setup".into())
-            .spawn(TestCluster::start)
+            .spawn(move || TestCluster::start(auth))
             .expect("spawning the cluster setup thread")
             .join()
             .unwrap_or_else(|panic| Err(format!("cluster setup panicked: {panic:?}")));
         if outcome.is_ok() {
-            super::os::at_exit(stop_cluster_at_exit);
+            // One hook stops every cluster this binary started.
+            static AT_EXIT: std::sync::Once = std::sync::Once::new();
+            AT_EXIT.call_once(|| super::os::at_exit(stop_cluster_at_exit));
         }
         outcome
     });
@@ -118,6 +159,8 @@ pub struct TestCluster {
     port: u16,
     superuser_password: String,
     postmaster: Running,
+    /// The CA in `ssl_ca_file` ([`cert_cluster`] only).
+    login_ca: Option<TestCa>,
 }
 
 impl std::fmt::Debug for TestCluster {
@@ -161,6 +204,12 @@ impl TestCluster {
     /// The CA certificate, PEM (trust this to verify the server).
     pub fn ca_pem(&self) -> &str {
         self.ca.cert_pem()
+    }
+
+    /// The CA PostgreSQL trusts for client certificates (`ssl_ca_file`), on
+    /// the [`cert_cluster`]; `None` on the shared one.
+    pub fn login_ca(&self) -> Option<&TestCa> {
+        self.login_ca.as_ref()
     }
 
     /// Path of the CA certificate PEM, for `sslrootcert=`.
@@ -302,7 +351,7 @@ impl TestCluster {
     // ----- start-up ----------------------------------------------------------
 
     /// initdb + configure + start + wait until ready. Runs on the setup thread.
-    fn start() -> Result<TestCluster, String> {
+    fn start(auth: Auth) -> Result<TestCluster, String> {
         let bin_dir = find_bin_dir()?;
         let server_user = cluster::server_user().map_err(|e| e.to_string())?;
         remove_stale_dirs();
@@ -323,14 +372,14 @@ impl TestCluster {
             log_path: base_dir.join("postgres.log"),
             user: server_user,
         };
-        let result = Self::start_in(base_dir.clone(), local);
+        let result = Self::start_in(base_dir.clone(), local, auth);
         if result.is_err() && std::env::var_os("EPHEMERA_KEEP_TEST_PG").is_none() {
             let _ = fs::remove_dir_all(&base_dir);
         }
         result
     }
 
-    fn start_in(base_dir: PathBuf, local: LocalCluster) -> Result<TestCluster, String> {
+    fn start_in(base_dir: PathBuf, local: LocalCluster, auth: Auth) -> Result<TestCluster, String> {
         cluster::give_to(local.user, &base_dir).map_err(|e| e.to_string())?;
         let superuser_password: String = rand::thread_rng()
             .sample_iter(&Alphanumeric)
@@ -351,6 +400,10 @@ impl TestCluster {
                 extra_conf: TEST_SETTINGS,
             })
             .map_err(|e| e.to_string())?;
+        let login_ca = match auth {
+            Auth::Scram => None,
+            Auth::Certificate { scram_users } => Some(configure_cert_auth(&local, scram_users)?),
+        };
 
         // Start, retrying with another port if the chosen one got taken meanwhile.
         let mut failures = Vec::new();
@@ -372,6 +425,7 @@ impl TestCluster {
                         port,
                         superuser_password,
                         postmaster,
+                        login_ca,
                     });
                 }
                 Err(reason) => {
@@ -390,6 +444,32 @@ impl TestCluster {
     }
 }
 
+/// After initdb: a login CA in `ssl_ca_file`, and `pg_hba.conf` with SCRAM
+/// for `scram_users` first, then `cert` for everyone else over TLS.
+fn configure_cert_auth(local: &LocalCluster, scram_users: &[&str]) -> Result<TestCa, String> {
+    let ca = TestCa::new("ephemera test login CA");
+    let data = &local.data_dir;
+    let ca_file = data.join("login-ca.crt");
+    fs::write(&ca_file, ca.cert_pem()).map_err(|e| format!("writing login-ca.crt: {e}"))?;
+    cluster::give_to(local.user, &ca_file).map_err(|e| e.to_string())?;
+    let mut hba = String::from(
+        "# Ephemera test harness: certificate logins for every role but these\n\
+         local all all scram-sha-256\n",
+    );
+    for user in scram_users {
+        hba.push_str(&format!("hostssl all {user} 127.0.0.1/32 scram-sha-256\n"));
+    }
+    hba.push_str("hostssl all all 127.0.0.1/32 cert clientcert=verify-full\n");
+    // Writing over the file initdb made keeps its owner.
+    fs::write(data.join("pg_hba.conf"), hba).map_err(|e| format!("writing pg_hba.conf: {e}"))?;
+    let conf = data.join("postgresql.conf");
+    let mut text =
+        fs::read_to_string(&conf).map_err(|e| format!("reading postgresql.conf: {e}"))?;
+    text.push_str("ssl_ca_file = 'login-ca.crt'\n");
+    fs::write(&conf, text).map_err(|e| format!("writing postgresql.conf: {e}"))?;
+    Ok(ca)
+}
+
 /// Immediate shutdown, waiting for the exit. Never panics (runs in the atexit hook).
 fn stop(postmaster: &Running) {
     if !postmaster.stop_immediately(SHUTDOWN_TIMEOUT) {
@@ -402,7 +482,13 @@ fn stop(postmaster: &Running) {
 
 /// Registered with `atexit` once the cluster is up: stop it and delete its directory.
 extern "C" fn stop_cluster_at_exit() {
-    if let Some(Ok(cluster)) = CLUSTER.get() {
+    for cell in [&CLUSTER, &CERT_CLUSTER] {
+        stop_and_remove(cell);
+    }
+}
+
+fn stop_and_remove(cell: &OnceLock<Result<TestCluster, String>>) {
+    if let Some(Ok(cluster)) = cell.get() {
         stop(&cluster.postmaster);
         if std::env::var_os("EPHEMERA_KEEP_TEST_PG").is_some() {
             eprintln!(

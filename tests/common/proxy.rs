@@ -14,7 +14,7 @@ use ephemera::{Server, Settings};
 use rand::distributions::{Alphanumeric, DistString};
 use tokio::sync::{oneshot, OnceCell};
 
-use super::pg::cluster;
+use super::pg::{cert_cluster, cluster};
 use super::pki::{make_tls_connect, TestCa, TestCert};
 
 pub const TRUST_DOMAIN: &str = "example.org";
@@ -33,43 +33,54 @@ pub struct UpstreamFixture {
 }
 
 static UPSTREAM: OnceCell<UpstreamFixture> = OnceCell::const_new();
+static CERT_UPSTREAM: OnceCell<UpstreamFixture> = OnceCell::const_new();
 
 /// Prepare the upstream (idempotent, once per test binary).
 pub async fn upstream() -> &'static UpstreamFixture {
-    UPSTREAM
-        .get_or_init(|| async {
-            let admin_password = Alphanumeric.sample_string(&mut rand::thread_rng(), 24);
-            let verifier = postgres_protocol::password::scram_sha_256(admin_password.as_bytes());
-            let c = cluster();
-            c.exec_sql(
-                "postgres",
-                &format!(
-                    "CREATE ROLE {ADMIN_USER} LOGIN CREATEROLE PASSWORD '{verifier}';
+    prepare(&UPSTREAM, cluster()).await
+}
+
+/// The same fixture on the certificate-login cluster ([`cert_cluster`]).
+pub async fn cert_upstream() -> &'static UpstreamFixture {
+    prepare(&CERT_UPSTREAM, cert_cluster()).await
+}
+
+async fn prepare(
+    cell: &'static OnceCell<UpstreamFixture>,
+    c: &'static super::pg::TestCluster,
+) -> &'static UpstreamFixture {
+    cell.get_or_init(|| async {
+        let admin_password = Alphanumeric.sample_string(&mut rand::thread_rng(), 24);
+        let verifier = postgres_protocol::password::scram_sha_256(admin_password.as_bytes());
+        c.exec_sql(
+            "postgres",
+            &format!(
+                "CREATE ROLE {ADMIN_USER} LOGIN CREATEROLE PASSWORD '{verifier}';
                      CREATE ROLE {GROUP} NOLOGIN;
                      CREATE ROLE billing_owner NOLOGIN;
                      GRANT billing_owner TO {ADMIN_USER};
                      CREATE SCHEMA ephemera AUTHORIZATION {ADMIN_USER};
                      REVOKE ALL ON SCHEMA ephemera FROM PUBLIC;"
-                ),
-            )
+            ),
+        )
+        .await;
+        // CREATE DATABASE cannot share a transaction with anything else.
+        c.exec_sql("postgres", &format!("CREATE DATABASE {DATABASE}"))
             .await;
-            // CREATE DATABASE cannot share a transaction with anything else.
-            c.exec_sql("postgres", &format!("CREATE DATABASE {DATABASE}"))
-                .await;
-            c.exec_sql(
-                DATABASE,
-                &format!(
-                    "CREATE TABLE invoices (id int PRIMARY KEY, amount numeric NOT NULL);
+        c.exec_sql(
+            DATABASE,
+            &format!(
+                "CREATE TABLE invoices (id int PRIMARY KEY, amount numeric NOT NULL);
                      INSERT INTO invoices VALUES (1, 9.99), (2, 20.00);
                      GRANT SELECT, INSERT, UPDATE, DELETE ON invoices TO {GROUP};
                      GRANT CREATE ON SCHEMA public TO {GROUP};
                      GRANT SELECT ON invoices TO {ADMIN_USER} WITH GRANT OPTION;"
-                ),
-            )
-            .await;
-            UpstreamFixture { admin_password }
-        })
-        .await
+            ),
+        )
+        .await;
+        UpstreamFixture { admin_password }
+    })
+    .await
 }
 
 /// What to put in the proxy's configuration.
@@ -94,6 +105,9 @@ pub struct ProxyOptions {
     /// Extra TOML lines for the `[listen]` and `[lease]` sections.
     pub listen_extra: String,
     pub lease_extra: String,
+    /// `upstream.login = "certificate"` against the [`cert_cluster`] (with
+    /// its login CA), instead of SCRAM against the shared cluster.
+    pub cert_login: bool,
 }
 
 impl ProxyOptions {
@@ -109,6 +123,7 @@ impl ProxyOptions {
             admin_listen: None,
             listen_extra: String::new(),
             lease_extra: String::new(),
+            cert_login: false,
         }
     }
 }
@@ -149,9 +164,25 @@ impl ProxyFiles {
 impl ProxyFiles {
     /// Write certificates and `config.toml` listening on `listen`.
     pub async fn write(options: &ProxyOptions, listen: &str) -> ProxyFiles {
-        let upstream = upstream().await;
-        let c = cluster();
+        let (c, upstream) = if options.cert_login {
+            (cert_cluster(), cert_upstream().await)
+        } else {
+            (cluster(), upstream().await)
+        };
         let dir = tempfile::tempdir().expect("a temp dir for the proxy");
+        let login = match c.login_ca().filter(|_| options.cert_login) {
+            Some(ca) => {
+                std::fs::write(dir.path().join("login-ca.pem"), ca.cert_pem())
+                    .expect("writing the login CA");
+                let key = dir.path().join("login-ca-key.pem");
+                std::fs::write(&key, ca.key_pem()).expect("writing the login CA key");
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod 600 the login CA key");
+                "login = \"certificate\"\nlogin_ca_cert = \"login-ca.pem\"\nlogin_ca_key = \"login-ca-key.pem\"\n"
+            }
+            None => "",
+        };
         let svid_ca = TestCa::new("spiffe-bundle");
         let server_ca = TestCa::new("ephemera-server");
         let server = server_ca.server_cert(&["localhost"], &["127.0.0.1".parse().expect("an IP")]);
@@ -180,7 +211,7 @@ admin_database = "postgres"
 admin_user = "{ADMIN_USER}"
 admin_password_file = "admin-password"
 {upstream_tls}
-pool_size = 2
+{login}pool_size = 2
 
 [lease]
 login_window = "{login_window}"

@@ -19,6 +19,7 @@ mod common;
 mod admin_errors;
 mod backpressure;
 mod cancel;
+mod cert_login;
 mod check_config;
 mod cli;
 mod compat;

@@ -290,6 +290,7 @@ async fn the_preflight_checks_the_role_and_says_what_it_owns() {
             port: c.port(),
             tls: None,
             connect_timeout: Duration::from_secs(10),
+            login: ephemera_engine::UpstreamLoginMethod::Scram,
         },
         admin: AdminLogin {
             user: ADMIN_USER.into(),

@@ -4,7 +4,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use crate::{AdminLogin, Lease, LeaseId, LeaseKind, Password, ScramSecret, Template};
+use crate::{
+    AdminLogin, ClientCertificate, Lease, LeaseId, LeaseKind, Password, ScramSecret, Template,
+};
 
 /// What the proxy asks an engine for: a credential for `identity`, shaped by
 /// the role template named `template`.
@@ -46,6 +48,11 @@ pub enum UpstreamLogin {
     /// SCRAM-SHA-256 with a password (the keys are derived from the
     /// server's salt and iteration count during the exchange).
     Password(Password),
+    /// TLS with a client certificate for the role (its CN), issued for
+    /// this one login and valid for the login window only
+    /// (`upstream.login = "certificate"`): the role has no password or
+    /// verifier at all.
+    Certificate(ClientCertificate),
 }
 
 /// A SQLSTATE error code (five characters), as the database reported it.
@@ -165,6 +172,9 @@ pub enum EngineError {
     TimeOutOfRange(String),
     /// The engine cannot do what was asked (e.g. hand a client a password
     /// for a standalone lease).
+    /// The login certificate for a role could not be issued.
+    #[error(transparent)]
+    LoginCertificate(#[from] crate::LoginCertError),
     #[error("the {engine} engine cannot {what}")]
     Unsupported {
         engine: &'static str,

@@ -15,6 +15,7 @@
 mod engine;
 pub mod keys;
 mod lease;
+pub mod login_cert;
 mod password;
 pub mod scram;
 mod setup;
@@ -25,9 +26,10 @@ pub use engine::{
     SqlState, UpstreamLogin,
 };
 pub use lease::{checked_add, checked_sub, Lease, LeaseComment, LeaseId, LeaseKind, LeaseState};
+pub use login_cert::{ClientCertificate, LoginCa, LoginCaError, LoginCertError};
 pub use password::Password;
 pub use scram::ScramSecret;
 pub use setup::{
     AdminLogin, EngineKind, EngineSetup, KeyProblem, Preflight, Template, TemplateKeys,
-    TemplateSpec, Upstream,
+    TemplateSpec, Upstream, UpstreamLoginMethod,
 };

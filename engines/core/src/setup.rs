@@ -27,6 +27,19 @@ pub struct Upstream {
     /// socket (`sslmode = "disable"`).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
+    /// How sessions log in as the roles engines make (`upstream.login`).
+    pub login: UpstreamLoginMethod,
+}
+
+/// `upstream.login`: how Ephemera proves a minted role upstream.
+#[derive(Debug, Clone, Default)]
+pub enum UpstreamLoginMethod {
+    /// SCRAM-SHA-256 with keys drawn per role (the default).
+    #[default]
+    Scram,
+    /// A client certificate per login, issued by this CA (the one
+    /// PostgreSQL's `ssl_ca_file` names): roles get no password at all.
+    Certificate(Arc<crate::LoginCa>),
 }
 
 impl Upstream {
@@ -56,6 +69,7 @@ impl fmt::Debug for Upstream {
             .field("port", &self.port)
             .field("tls", &self.tls.is_some())
             .field("connect_timeout", &self.connect_timeout)
+            .field("login", &self.login)
             .finish()
     }
 }

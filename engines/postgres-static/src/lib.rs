@@ -357,6 +357,7 @@ mod tests {
                 port: 1,
                 tls: None,
                 connect_timeout: Duration::from_secs(1),
+                login: ephemera_engine::UpstreamLoginMethod::Scram,
             },
             admin: AdminLogin {
                 user: "admin".into(),

@@ -23,11 +23,14 @@ pub(crate) fn rfc3339(at: OffsetDateTime) -> String {
         .expect("a current timestamp formats as RFC 3339")
 }
 
-/// The one transaction that brings a role into the world.
+/// The one transaction that brings a role into the world. `secret`:
+/// its SCRAM verifier; `None` for certificate logins
+/// (`upstream.login = "certificate"`), where the role gets no password
+/// clause at all, so `pg_authid.rolpassword` stays NULL.
 pub(crate) fn create_role_sql(
     template: &RoleTemplate,
     role: &Quoted,
-    secret: &ScramSecret,
+    secret: Option<&ScramSecret>,
     lease: &Lease,
     valid_until: OffsetDateTime,
 ) -> Result<String, Unquotable> {
@@ -43,10 +46,12 @@ pub(crate) fn create_role_sql(
     };
     sql.push_str(&format!(
         "CREATE ROLE {role} WITH LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
-         CONNECTION LIMIT {connection_limit} VALID UNTIL {} PASSWORD {}",
+         CONNECTION LIMIT {connection_limit} VALID UNTIL {}",
         quote_literal(&rfc3339(valid_until))?,
-        quote_literal(&secret.verifier())?,
     ));
+    if let Some(secret) = secret {
+        sql.push_str(&format!(" PASSWORD {}", quote_literal(&secret.verifier())?));
+    }
     if !template.member_of.is_empty() {
         let groups = template
             .member_of
@@ -108,8 +113,10 @@ mod tests {
             max_expires_at: now,
         };
         let role = quote_ident("eph_billing_rw_x").unwrap();
-        let sql = create_role_sql(&template, &role, &secret, &lease, now).unwrap();
+        let sql = create_role_sql(&template, &role, Some(&secret), &lease, now).unwrap();
         assert!(sql.contains("PASSWORD 'SCRAM-SHA-256$1:"), "{sql}");
+        let sql = create_role_sql(&template, &role, None, &lease, now).unwrap();
+        assert!(!sql.contains("PASSWORD"), "{sql}");
         assert!(
             sql.contains("IN ROLE \"billing_rw\", \"read\"\"ers\";"),
             "{sql}"

@@ -19,6 +19,7 @@ pub mod admin;
 mod create;
 pub mod election;
 mod kind;
+mod login_probe;
 mod preflight;
 pub mod revoke;
 pub mod template;
@@ -37,7 +38,7 @@ use deadpool_postgres::Pool;
 use ephemera_engine::{
     AdminLogin, Engine, EngineError, EngineSetup, IssueRequest, IssuedCredential, Lease,
     LeaseComment, LeaseKind, Password, ReaperElection, RevokeOutcome, ScramSecret, Template,
-    Upstream, UpstreamLogin,
+    Upstream, UpstreamLogin, UpstreamLoginMethod,
 };
 use time::OffsetDateTime;
 
@@ -186,25 +187,8 @@ impl Engine for PostgresEngine {
         let expires_at = ephemera_engine::checked_add(issued_at, request.ttl)
             .ok_or_else(|| EngineError::TimeOutOfRange("issue time + ttl".into()))?
             .min(request.max_expires_at);
-        let (secret, password, valid_until) = match request.kind {
-            // Ephemera logs in itself, once, right away.
-            LeaseKind::Session => (
-                ScramSecret::generate(),
-                None,
-                ephemera_engine::checked_add(issued_at, self.login_window).ok_or_else(|| {
-                    EngineError::TimeOutOfRange("issue time + lease.login_window".into())
-                })?,
-            ),
-            // The client logs in with a password for as long as the lease lives.
-            LeaseKind::Standalone => {
-                let password = Password::generate();
-                let secret = ScramSecret::from_password(
-                    password.expose(),
-                    ScramSecret::CLIENT_PASSWORD_ITERATIONS,
-                );
-                (secret, Some(password), expires_at)
-            }
-        };
+        let (login, password, valid_until) =
+            self.credential(request.kind, issued_at, expires_at, &role_name)?;
         let lease = Lease {
             id: request.lease_id,
             engine: self.name(),
@@ -218,8 +202,12 @@ impl Engine for PostgresEngine {
             expires_at,
             max_expires_at: request.max_expires_at,
         };
+        let verifier = match &login {
+            UpstreamLogin::Scram(secret) => Some(secret),
+            _ => None,
+        };
         let sql =
-            create_role_sql(&template, &role, &secret, &lease, valid_until).map_err(unquotable)?;
+            create_role_sql(&template, &role, verifier, &lease, valid_until).map_err(unquotable)?;
         let client = self.client(&template.database, "create a role").await?;
         client
             .batch_execute(&sql)
@@ -227,7 +215,7 @@ impl Engine for PostgresEngine {
             .map_err(|e| db_error("create a role", e))?;
         Ok(IssuedCredential {
             lease,
-            login: UpstreamLogin::Scram(secret),
+            login,
             client_password: password,
         })
     }
@@ -386,6 +374,58 @@ impl Engine for PostgresEngine {
 }
 
 impl PostgresEngine {
+    /// How the role `role` will be logged in as, the password for a
+    /// standalone lease's client, and until when the role's `VALID UNTIL`
+    /// lets logins in.
+    fn credential(
+        &self,
+        kind: LeaseKind,
+        issued_at: OffsetDateTime,
+        expires_at: OffsetDateTime,
+        role: &str,
+    ) -> Result<(UpstreamLogin, Option<Password>, OffsetDateTime), EngineError> {
+        let login_window_end = || {
+            ephemera_engine::checked_add(issued_at, self.login_window).ok_or_else(|| {
+                EngineError::TimeOutOfRange("issue time + lease.login_window".into())
+            })
+        };
+        match (kind, &self.upstream.login) {
+            // Ephemera logs in itself, once, right away.
+            (LeaseKind::Session, UpstreamLoginMethod::Scram) => Ok((
+                UpstreamLogin::Scram(ScramSecret::generate()),
+                None,
+                login_window_end()?,
+            )),
+            // A certificate for this one login, valid for the login window;
+            // the role has no password at all.
+            (LeaseKind::Session, UpstreamLoginMethod::Certificate(ca)) => Ok((
+                UpstreamLogin::Certificate(ca.issue(role, self.login_window)?),
+                None,
+                login_window_end()?,
+            )),
+            // The client logs in with a password for as long as the lease lives.
+            (LeaseKind::Standalone, UpstreamLoginMethod::Scram) => {
+                let password = Password::generate();
+                let secret = ScramSecret::from_password(
+                    password.expose(),
+                    ScramSecret::CLIENT_PASSWORD_ITERATIONS,
+                );
+                Ok((UpstreamLogin::Scram(secret), Some(password), expires_at))
+            }
+            // Refused before anything is created: a password would be a
+            // verifier in pg_authid, which certificate logins promise not
+            // to leave (docs/engines/postgres.md).
+            (LeaseKind::Standalone, UpstreamLoginMethod::Certificate(_)) => {
+                Err(EngineError::Unsupported {
+                    engine: NAME,
+                    what: "hand out standalone credentials (ephemera creds/exec) while \
+                           upstream.login = \"certificate\": minted roles have no password; \
+                           connect through the proxy instead",
+                })
+            }
+        }
+    }
+
     async fn server_version(&self, client: &tokio_postgres::Client) -> Result<i32, EngineError> {
         use std::sync::atomic::Ordering;
         let known = self.server_version.load(Ordering::Relaxed);

@@ -6,7 +6,9 @@
 //! and owners exist, and may the admin grant the groups (PostgreSQL 16+:
 //! ADMIN OPTION) and reassign to the owners? Every problem comes back with
 //! the key it concerns and what to do; a query that fails says so, with the
-//! server's message, rather than passing for "does not exist".
+//! server's message, rather than passing for "does not exist". With
+//! `upstream.login = "certificate"`, a probe role logs in with a certificate
+//! from the login CA (`login_probe.rs`).
 
 use ephemera_engine::{AdminLogin, EngineSetup, KeyProblem, Preflight};
 use tokio_postgres::Client;
@@ -32,6 +34,10 @@ pub(crate) async fn preflight(setup: &EngineSetup) -> Preflight {
         problems: check_admin_and_templates(setup, &templates).await,
         warnings: Vec::new(),
     };
+    // upstream.login = "certificate": does PostgreSQL take the certificate?
+    check
+        .problems
+        .extend(crate::login_probe::check(setup, &templates).await);
     if check.problems.is_empty() {
         check.warnings = owner_ceiling_warnings(setup, &templates).await;
     }

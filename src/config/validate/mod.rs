@@ -34,14 +34,13 @@ pub(crate) fn settings(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let listen = listen(&file, &mut problems);
     let front = tls::front_door(&file, base, &provider, &mut problems);
-    let (upstream_tls, admin_password) = upstream::upstream(&file, base, &mut problems);
+    let upstream::Validated {
+        tls: upstream_tls,
+        admin_password,
+        login,
+    } = upstream::upstream(&file, base, &mut problems);
     lease::lease(&file, &mut problems);
-    if !(1..=1_000_000).contains(&file.audit.statement_queue) {
-        problems.add(
-            "audit.statement_queue",
-            "must be between 1 and 1000000 events, e.g. 4096",
-        );
-    }
+    audit(&file, &mut problems);
     let (templates, engine_templates) =
         templates::templates(&file.templates, &registry, &mut problems);
     let rules = policy::policy(&file, &mut problems);
@@ -61,59 +60,74 @@ pub(crate) fn settings(
         svid_verifier,
         upstream_tls,
         admin_password,
+        login,
     ) {
-        (Some(listen), Some(server_tls), Some(svid_verifier), Some(tls), Some(password))
-            if problems.0.is_empty() =>
-        {
-            Ok(Settings {
-                listen,
-                handshake_timeout: file.listen.handshake_timeout,
-                max_connections: file.listen.max_connections,
-                workers: lease::workers(&file),
-                server_tls,
-                svid_verifier,
-                upstream: UpstreamSettings {
+        (
+            Some(listen),
+            Some(server_tls),
+            Some(svid_verifier),
+            Some(tls),
+            Some(password),
+            Some(login),
+        ) if problems.0.is_empty() => Ok(Settings {
+            listen,
+            handshake_timeout: file.listen.handshake_timeout,
+            max_connections: file.listen.max_connections,
+            workers: lease::workers(&file),
+            server_tls,
+            svid_verifier,
+            upstream: UpstreamSettings {
+                host: up.host.clone(),
+                port: up.port,
+                tls: tls.clone(),
+                connect_timeout: up.connect_timeout,
+            },
+            engines: EnginesConfig {
+                registry,
+                upstream: Upstream {
                     host: up.host.clone(),
                     port: up.port,
-                    tls: tls.clone(),
+                    tls: tls.engine_config(),
                     connect_timeout: up.connect_timeout,
+                    login,
                 },
-                engines: EnginesConfig {
-                    registry,
-                    upstream: Upstream {
-                        host: up.host.clone(),
-                        port: up.port,
-                        tls: tls.engine_config(),
-                        connect_timeout: up.connect_timeout,
-                    },
-                    admin: AdminLogin {
-                        user: up.admin_user.clone(),
-                        password,
-                        database: up.admin_database.clone(),
-                        pool_size: up.pool_size,
-                    },
-                    login_window: file.lease.login_window,
-                    templates: engine_templates,
+                admin: AdminLogin {
+                    user: up.admin_user.clone(),
+                    password,
+                    database: up.admin_database.clone(),
+                    pool_size: up.pool_size,
                 },
-                rules: Rules {
-                    templates,
-                    policy: Policy::new(rules),
-                    tokens: Arc::new(tokens),
-                },
-                lease: LeaseSettings {
-                    login_window: file.lease.login_window,
-                    reap_interval: file.lease.reap_interval,
-                    bind_to_svid: file.lease.bind_to_svid,
-                    issue_rate_per_identity: file.lease.issue_rate_per_identity,
-                    issue_burst_per_identity: file.lease.issue_burst_per_identity,
-                },
-                admin,
-                audit_path: file.audit.path.as_ref().map(|p| base.join(p)),
-                audit_statement_queue: file.audit.statement_queue,
-                source: None,
-            })
-        }
+                login_window: file.lease.login_window,
+                templates: engine_templates,
+            },
+            rules: Rules {
+                templates,
+                policy: Policy::new(rules),
+                tokens: Arc::new(tokens),
+            },
+            lease: LeaseSettings {
+                login_window: file.lease.login_window,
+                reap_interval: file.lease.reap_interval,
+                bind_to_svid: file.lease.bind_to_svid,
+                issue_rate_per_identity: file.lease.issue_rate_per_identity,
+                issue_burst_per_identity: file.lease.issue_burst_per_identity,
+            },
+            admin,
+            audit_path: file.audit.path.as_ref().map(|p| base.join(p)),
+            audit_statement_queue: file.audit.statement_queue,
+            source: None,
+        }),
         _ => Err(problems.0),
+    }
+}
+
+/// `[audit]`.
+fn audit(file: &FileConfig, problems: &mut Problems) {
+    if !(1..=1_000_000).contains(&file.audit.statement_queue) {
+        problems.add(
+            "audit.statement_queue",
+            "must be between 1 and 1000000 events, e.g. 4096",
+        );
     }
 }
 
