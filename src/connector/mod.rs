@@ -138,8 +138,10 @@ pub struct Connector {
 impl Connector {
     /// Check the options and bind every listener.
     pub async fn bind(options: ConnectorOptions) -> Result<Connector, ConnectorError> {
-        let dialer = Dialer::new(&options.to, &options.ca, DIAL_TIMEOUT)?;
+        // The listen address first: a non-loopback one is the mistake that
+        // matters most.
         let tcp = listen::tcp(options.listen).await?;
+        let dialer = Dialer::new(&options.to, &options.ca, DIAL_TIMEOUT)?;
         let port = tcp.local_addr().map_or(options.listen.port(), |a| a.port());
         let unix = match &options.socket_dir {
             Some(dir) => {

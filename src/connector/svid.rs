@@ -64,6 +64,8 @@ pub enum SvidUnavailable {
     NotYetValid { not_before: String },
     #[error("no X.509-SVID has been received from the SPIFFE Workload API yet")]
     NotYetReceived,
+    #[error("Workload API support: not in this build (--workload-api {address}); use --cert and --key, or --token-file")]
+    WorkloadApiNotInThisBuild { address: String },
     #[error("cannot use the X.509-SVID file {path}: {reason}")]
     Files { path: PathBuf, reason: String },
     #[error("the X.509-SVID in {path} is not usable: {reason}")]
@@ -74,7 +76,8 @@ impl SvidUnavailable {
     /// A short label for metrics (`ephemera_connector_errors_total{cause}`).
     pub fn label(&self) -> &'static str {
         match self {
-            SvidUnavailable::AgentUnreachable { .. } => "svid_agent_unreachable",
+            SvidUnavailable::AgentUnreachable { .. }
+            | SvidUnavailable::WorkloadApiNotInThisBuild { .. } => "svid_agent_unreachable",
             SvidUnavailable::Expired { .. } => "svid_expired",
             SvidUnavailable::NotYetValid { .. } => "svid_not_yet_valid",
             SvidUnavailable::NotYetReceived => "svid_not_yet_received",
@@ -93,9 +96,8 @@ pub trait SvidSource: Send + Sync {
 /// The source for `--workload-api ADDR`. The Workload API client is not in
 /// this build: this fails at start, clearly, instead of connecting nowhere.
 pub fn workload_api_source(address: &str) -> Result<Arc<dyn SvidSource>, SvidUnavailable> {
-    Err(SvidUnavailable::AgentUnreachable {
+    Err(SvidUnavailable::WorkloadApiNotInThisBuild {
         address: address.to_owned(),
-        reason: "Workload API support: not in this build; use --cert and --key".into(),
     })
 }
 
