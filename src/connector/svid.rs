@@ -10,7 +10,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -101,34 +100,25 @@ pub fn workload_api_source(address: &str) -> Result<Arc<dyn SvidSource>, SvidUna
     })
 }
 
-/// What identifies one version of a file: a rewrite or a rename changes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-}
+/// What identifies the files' contents: a SHA-256 over both. Reading two
+/// small files per connection costs microseconds, and unlike an mtime it
+/// sees a rewrite within the same clock tick.
+type Stamp = [u8; 32];
 
-fn stamp(path: &Path) -> Result<Stamp, SvidUnavailable> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| SvidUnavailable::Files {
+fn read_file(path: &Path) -> Result<Vec<u8>, SvidUnavailable> {
+    std::fs::read(path).map_err(|e| SvidUnavailable::Files {
         path: path.to_owned(),
         reason: e.to_string(),
-    })?;
-    Ok(Stamp {
-        modified: meta.modified().ok(),
-        len: meta.len(),
-        inode: meta.ino(),
     })
 }
 
 /// An SVID in two PEM files (`--cert`: leaf first, then intermediates;
-/// `--key`: its private key). Each call stats both files; they are read and
-/// parsed again only when either changed.
+/// `--key`: its private key). Each call reads both files; they are parsed
+/// again only when either changed.
 pub struct FileSvid {
     cert: PathBuf,
     key: PathBuf,
-    cached: Mutex<Option<(Stamp, Stamp, ClientSvid)>>,
+    cached: Mutex<Option<(Stamp, ClientSvid)>>,
 }
 
 impl fmt::Debug for FileSvid {
@@ -149,15 +139,15 @@ impl FileSvid {
         }
     }
 
-    fn read(&self) -> Result<ClientSvid, SvidUnavailable> {
+    fn parse(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<ClientSvid, SvidUnavailable> {
         let files = |path: &Path, reason: String| SvidUnavailable::Files {
             path: path.to_owned(),
             reason,
         };
-        let chain = CertificateDer::pem_file_iter(&self.cert)
-            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| files(&self.cert, pem_reason(&e, "CERTIFICATE")))?;
-        let key = PrivateKeyDer::from_pem_file(&self.key)
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
             .map_err(|e| files(&self.key, pem_reason(&e, "PRIVATE KEY")))?;
         let leaf = chain
             .first()
@@ -183,14 +173,20 @@ impl FileSvid {
 
 impl SvidSource for FileSvid {
     fn current(&self) -> Result<ClientSvid, SvidUnavailable> {
-        let stamps = (stamp(&self.cert)?, stamp(&self.key)?);
+        use sha2::{Digest, Sha256};
+        let (cert_pem, key_pem) = (read_file(&self.cert)?, read_file(&self.key)?);
+        let mut digest = Sha256::new();
+        digest.update((cert_pem.len() as u64).to_be_bytes());
+        digest.update(&cert_pem);
+        digest.update(&key_pem);
+        let stamp: Stamp = digest.finalize().into();
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         let svid = match cached.as_ref() {
-            Some((cert, key, svid)) if (cert, key) == (&stamps.0, &stamps.1) => svid.clone(),
+            Some((seen, svid)) if *seen == stamp => svid.clone(),
             _ => {
                 *cached = None;
-                let svid = self.read()?;
-                *cached = Some((stamps.0, stamps.1, svid.clone()));
+                let svid = self.parse(&cert_pem, &key_pem)?;
+                *cached = Some((stamp, svid.clone()));
                 svid
             }
         };

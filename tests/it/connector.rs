@@ -103,6 +103,18 @@ impl Running {
     }
 }
 
+impl Running {
+    /// Send the shutdown signal (as SIGTERM does in the binary).
+    fn signal_stop(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+    }
+
+    /// Wait at most `timeout` for the connector to finish.
+    async fn finished_within(&mut self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, &mut self.task).await.is_ok()
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         self.task.abort();
@@ -473,4 +485,98 @@ async fn an_unreachable_ephemera_is_a_fatal_naming_its_address() {
     let (status, body) = get(connector.http.unwrap(), "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains(&format!("127.0.0.1:{port}")), "{body}");
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_is_the_password_read_again_for_every_connection() {
+    use serde_json::json;
+    let template = "k_token";
+    let dir = tempfile::tempdir().unwrap();
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = pair.public_key_raw();
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]),
+        "y": b64(&raw[33..65]), "kid": "k1", "alg": "ES256", "use": "sig"}]});
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let extra = format!(
+        r#"
+[[tokens.issuer]]
+name = "connector"
+issuer = "https://connector.example"
+audience = "ephemera"
+jwks_file = "{}"
+
+[[policy]]
+token_issuer = "connector"
+claims = {{ repository = "acme/connector" }}
+templates = ["{template}"]
+"#,
+        jwks_path.display()
+    );
+    let proxy = start_proxy_with_extra_config(ProxyOptions::templates(&[template]), &extra).await;
+    let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
+    let token = |repository: &str| {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("k1".into());
+        let claims = json!({"iss": "https://connector.example", "aud": "ephemera",
+            "sub": format!("repo:{repository}"), "repository": repository,
+            "iat": now - 10, "nbf": now - 10, "exp": now + 600});
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    };
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, format!("{}\n", token("acme/connector"))).unwrap();
+    let connector = Running::start(options(&proxy, Credential::TokenFile(token_path.clone()))).await;
+
+    let client = connector.connect(template).await.unwrap();
+    let role: String = client
+        .query_one("SELECT session_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(role.starts_with(&role_prefix(template)), "{role}");
+
+    // The file is read again: a token the policy does not allow is refused
+    // by Ephemera, and the application sees Ephemera's refusal.
+    std::fs::write(&token_path, token("acme/other")).unwrap();
+    let (code, message) = sqlstate(&connector.connect(template).await.err().unwrap());
+    assert_eq!(code, "28000", "{message}");
+    std::fs::write(&token_path, token("acme/connector")).unwrap();
+    connector.connect(template).await.unwrap();
+    drop(client);
+    assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_accepting_and_ends_sessions_after_the_grace_period() {
+    let template = "k_grace";
+    let proxy = proxy_for(&[template], "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = options(&proxy, file_svid(dir.path(), &proxy.svid(ONE)));
+    options.grace = Duration::from_secs(2);
+    let mut connector = Running::start(options).await;
+    let client = connector.connect(template).await.unwrap();
+    connector.signal_stop();
+    // Not accepting any more.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(connector.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after shutdown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The open session runs on during the grace period.
+    client.simple_query("SELECT 1").await.expect("usable during the grace period");
+    assert!(
+        connector.finished_within(Duration::from_secs(6)).await,
+        "the connector ends after the grace period"
+    );
+    let error = client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(error.is_closed() || error.code().is_some(), "{error:?}");
+    assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await);
+    proxy.shutdown().await;
 }
