@@ -71,7 +71,12 @@ where
         Err((cause, message)) => {
             shared.metrics.error(cause);
             tracing::warn!(cause, reason = %message, "cannot connect the application");
-            refuse(app, UNABLE_TO_CONNECT, &format!("ephemera connect: {message}")).await;
+            refuse(
+                app,
+                UNABLE_TO_CONNECT,
+                &format!("ephemera connect: {message}"),
+            )
+            .await;
         }
     }
 }
@@ -104,7 +109,10 @@ async fn connect(
     let unreachable = |e: std::io::Error| {
         (
             "ephemera_unreachable",
-            format!("Ephemera at {} closed the connection: {e}", shared.dialer.to()),
+            format!(
+                "Ephemera at {} closed the connection: {e}",
+                shared.dialer.to()
+            ),
         )
     };
     server.write_all(startup).await.map_err(unreachable)?;

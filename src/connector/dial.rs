@@ -73,7 +73,11 @@ impl std::fmt::Debug for Dialer {
 impl Dialer {
     /// `to` is `HOST:PORT`; `ca_path` the PEM file of the CA(s) that issued
     /// Ephemera's server certificate.
-    pub fn new(to: &str, ca_path: &std::path::Path, timeout: Duration) -> Result<Self, DialSetupError> {
+    pub fn new(
+        to: &str,
+        ca_path: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<Self, DialSetupError> {
         let (host, port) = to
             .rsplit_once(':')
             .ok_or_else(|| DialSetupError::BadAddress(to.to_owned()))?;

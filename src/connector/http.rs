@@ -60,7 +60,10 @@ async fn ready(shared: &Shared) -> Result<String, String> {
         .await
         .map_err(|e| e.to_string())?;
     let _ = tls.shutdown().await;
-    Ok(format!("{what}; Ephemera at {} reachable", shared.dialer.to()))
+    Ok(format!(
+        "{what}; Ephemera at {} reachable",
+        shared.dialer.to()
+    ))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

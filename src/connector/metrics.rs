@@ -17,8 +17,11 @@ pub const SESSIONS_ACTIVE: &str = "ephemera_connector_sessions_active";
 pub const ERRORS: &str = "ephemera_connector_errors_total";
 pub const SVID_EXPIRY_SECONDS: &str = "ephemera_connector_svid_expiry_seconds";
 
-const METADATA: Metadata<'static> =
-    Metadata::new("ephemera::connector", metrics::Level::INFO, Some(module_path!()));
+const METADATA: Metadata<'static> = Metadata::new(
+    "ephemera::connector",
+    metrics::Level::INFO,
+    Some(module_path!()),
+);
 
 /// The recorder and the handles the connector updates.
 pub struct ConnectorMetrics {
@@ -98,7 +101,10 @@ mod tests {
         metrics.connections.increment(2);
         metrics.error("ephemera_unreachable");
         let text = metrics.render();
-        assert!(text.contains("ephemera_connector_connections_total 2"), "{text}");
+        assert!(
+            text.contains("ephemera_connector_connections_total 2"),
+            "{text}"
+        );
         assert!(
             text.contains("ephemera_connector_errors_total{cause=\"ephemera_unreachable\"} 1"),
             "{text}"

@@ -59,7 +59,9 @@ impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Credential::Svid(_) => f.write_str("Credential::Svid"),
-            Credential::TokenFile(path) => f.debug_tuple("Credential::TokenFile").field(path).finish(),
+            Credential::TokenFile(path) => {
+                f.debug_tuple("Credential::TokenFile").field(path).finish()
+            }
         }
     }
 }
@@ -107,18 +109,26 @@ pub struct Shared {
 
 impl Shared {
     fn saw_svid(&self, svid: &ClientSvid) {
-        *self.last_not_after.lock().unwrap_or_else(|p| p.into_inner()) = Some(svid.not_after);
+        *self
+            .last_not_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(svid.not_after);
         self.update_expiry_gauge();
     }
 
     fn update_expiry_gauge(&self) {
         if let Credential::Svid(source) = &self.credential {
             if let Ok(svid) = source.current() {
-                *self.last_not_after.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(svid.not_after);
+                *self
+                    .last_not_after
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(svid.not_after);
             }
         }
-        let last = *self.last_not_after.lock().unwrap_or_else(|p| p.into_inner());
+        let last = *self
+            .last_not_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(not_after) = last {
             let left = (not_after - OffsetDateTime::now_utc()).as_seconds_f64();
             self.metrics.svid_expiry.set(left);
@@ -152,12 +162,16 @@ impl Connector {
             None => None,
         };
         let http = match options.http {
-            Some(address) => Some(TcpListener::bind(address).await.map_err(|source| {
-                ListenError::Bind {
-                    address: address.to_string(),
-                    source,
-                }
-            })?),
+            Some(address) => {
+                Some(
+                    TcpListener::bind(address)
+                        .await
+                        .map_err(|source| ListenError::Bind {
+                            address: address.to_string(),
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         let shared = Arc::new(Shared {
@@ -224,9 +238,16 @@ impl Connector {
             let _ = std::fs::remove_file(path);
         }
         sessions.close();
-        tracing::info!(open = sessions.len(), ?grace, "shutting down: no new connections; open sessions have the grace period");
+        tracing::info!(
+            open = sessions.len(),
+            ?grace,
+            "shutting down: no new connections; open sessions have the grace period"
+        );
         if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
-            tracing::info!(open = sessions.len(), "grace period over; ending open sessions");
+            tracing::info!(
+                open = sessions.len(),
+                "grace period over; ending open sessions"
+            );
             shared.stop.cancel();
             sessions.wait().await;
         }

@@ -256,7 +256,10 @@ mod tests {
     fn missing_files_are_named() {
         let source = FileSvid::new("/nonexistent/svid.pem", "/nonexistent/svid-key.pem");
         let error = source.current().unwrap_err();
-        assert!(error.to_string().contains("/nonexistent/svid.pem"), "{error}");
+        assert!(
+            error.to_string().contains("/nonexistent/svid.pem"),
+            "{error}"
+        );
         assert_eq!(error.label(), "svid_files");
     }
 

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::{
-    free_port, psql, role_prefix, start_proxy_with_extra_config, wait_until_no_roles,
-    ProxyOptions, TestProxy, DATABASE,
+    free_port, psql, role_prefix, start_proxy_with_extra_config, wait_until_no_roles, ProxyOptions,
+    TestProxy, DATABASE,
 };
 use common::TestCert;
 use ephemera::connector::{Connector, ConnectorOptions, Credential, FileSvid};
@@ -76,7 +76,10 @@ impl Running {
         config
     }
 
-    async fn connect(&self, template: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    async fn connect(
+        &self,
+        template: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let (client, connection) = self
             .pg_config(template)
             .connect(tokio_postgres::NoTls)
@@ -390,13 +393,19 @@ async fn allow_uid_refuses_other_uids_on_the_unix_socket() {
 /// `GET path` on the connector's HTTP port: (status, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut response = String::new();
     tcp.read_to_string(&mut response).await.unwrap();
     let status = response[9..12].parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
     (status, body)
 }
 
@@ -406,7 +415,10 @@ async fn readyz_needs_a_valid_svid_and_no_svid_is_a_clear_fatal() {
     let proxy = proxy_for(&[template], "").await;
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("svid.pem"), dir.path().join("svid-key.pem"));
-    let mut options = options(&proxy, Credential::Svid(Arc::new(FileSvid::new(&cert, &key))));
+    let mut options = options(
+        &proxy,
+        Credential::Svid(Arc::new(FileSvid::new(&cert, &key))),
+    );
     options.http = Some("127.0.0.1:0".parse().unwrap());
     let connector = Running::start(options).await;
     let http = connector.http.unwrap();
@@ -441,7 +453,10 @@ async fn readyz_needs_a_valid_svid_and_no_svid_is_a_clear_fatal() {
 
     let (status, metrics) = get(http, "/metrics").await;
     assert_eq!(status, 200);
-    assert!(metrics.contains("ephemera_connector_connections_total 3"), "{metrics}");
+    assert!(
+        metrics.contains("ephemera_connector_connections_total 3"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("ephemera_connector_errors_total{cause=\"svid_expired\"} 1"),
         "{metrics}"
@@ -531,7 +546,8 @@ templates = ["{template}"]
     };
     let token_path = dir.path().join("token");
     std::fs::write(&token_path, format!("{}\n", token("acme/connector"))).unwrap();
-    let connector = Running::start(options(&proxy, Credential::TokenFile(token_path.clone()))).await;
+    let connector =
+        Running::start(options(&proxy, Credential::TokenFile(token_path.clone()))).await;
 
     let client = connector.connect(template).await.unwrap();
     let role: String = client
@@ -570,7 +586,10 @@ async fn shutdown_stops_accepting_and_ends_sessions_after_the_grace_period() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The open session runs on during the grace period.
-    client.simple_query("SELECT 1").await.expect("usable during the grace period");
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect("usable during the grace period");
     assert!(
         connector.finished_within(Duration::from_secs(6)).await,
         "the connector ends after the grace period"
