@@ -14,7 +14,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{cancel, token, Credential, Shared};
+use super::shared::{Credential, Shared};
+use super::{cancel, token};
 use crate::session::protocol::{
     decode_first_packet, fatal, sqlstate, FirstPacket, ProtocolError, MAX_STARTUP_PACKET_LEN,
 };

@@ -12,7 +12,8 @@ use axum::routing::get;
 use axum::Router;
 use tokio::io::AsyncWriteExt;
 
-use super::{token, Credential, Shared};
+use super::shared::{Credential, Shared};
+use super::token;
 
 /// How long `/readyz` waits for Ephemera's TLS handshake.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(2);

@@ -11,7 +11,8 @@
 //! * `dial.rs`: TLS to Ephemera, verify-full against `--ca`;
 //! * `token.rs`: `--token-file`;
 //! * `cancel.rs`: cancel requests passed on;
-//! * `http.rs`, `metrics.rs`: `/healthz`, `/readyz`, `/metrics`.
+//! * `http.rs`, `metrics.rs`: `/healthz`, `/readyz`, `/metrics`;
+//! * `shared.rs`: the credential and the state every connection shares.
 //!
 //! On shutdown the connector stops accepting, lets open sessions run for
 //! the grace period, then ends them.
@@ -22,16 +23,16 @@ mod dial;
 mod http;
 mod listen;
 mod metrics;
+mod shared;
 mod svid;
 mod token;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use time::OffsetDateTime;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,31 +41,13 @@ pub use self::client::UNABLE_TO_CONNECT;
 pub use self::dial::{DialError, DialSetupError, Dialer};
 pub use self::listen::{socket_path, ListenError};
 pub use self::metrics::ConnectorMetrics;
+pub use self::shared::Credential;
+use self::shared::Shared;
 pub use self::svid::{workload_api_source, ClientSvid, FileSvid, SvidSource, SvidUnavailable};
 pub use self::token::TokenFileError;
 
 /// How long TCP and TLS to Ephemera may take for an application's session.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What the connector presents to Ephemera.
-#[derive(Clone)]
-pub enum Credential {
-    /// An X.509-SVID, asked for once per connection.
-    Svid(Arc<dyn SvidSource>),
-    /// An identity token, read from this file for every connection.
-    TokenFile(PathBuf),
-}
-
-impl std::fmt::Debug for Credential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Credential::Svid(_) => f.write_str("Credential::Svid"),
-            Credential::TokenFile(path) => {
-                f.debug_tuple("Credential::TokenFile").field(path).finish()
-            }
-        }
-    }
-}
 
 /// The connector's options (the flags of `ephemera connect`).
 #[derive(Debug, Clone)]
@@ -94,46 +77,6 @@ pub enum ConnectorError {
     Dial(#[from] DialSetupError),
     #[error("{0}")]
     Svid(#[from] SvidUnavailable),
-}
-
-/// What every connection shares.
-pub struct Shared {
-    dialer: Dialer,
-    credential: Credential,
-    metrics: ConnectorMetrics,
-    /// Cancelled when the grace period is over: open sessions end.
-    stop: CancellationToken,
-    /// The expiry of the last SVID handed out, for the metrics.
-    last_not_after: Mutex<Option<OffsetDateTime>>,
-}
-
-impl Shared {
-    fn saw_svid(&self, svid: &ClientSvid) {
-        *self
-            .last_not_after
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(svid.not_after);
-        self.update_expiry_gauge();
-    }
-
-    fn update_expiry_gauge(&self) {
-        if let Credential::Svid(source) = &self.credential {
-            if let Ok(svid) = source.current() {
-                *self
-                    .last_not_after
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(svid.not_after);
-            }
-        }
-        let last = *self
-            .last_not_after
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(not_after) = last {
-            let left = (not_after - OffsetDateTime::now_utc()).as_seconds_f64();
-            self.metrics.svid_expiry.set(left);
-        }
-    }
 }
 
 /// A bound connector, ready to serve.
@@ -174,13 +117,7 @@ impl Connector {
             }
             None => None,
         };
-        let shared = Arc::new(Shared {
-            dialer,
-            credential: options.credential,
-            metrics: ConnectorMetrics::new(),
-            stop: CancellationToken::new(),
-            last_not_after: Mutex::new(None),
-        });
+        let shared = Arc::new(Shared::new(dialer, options.credential));
         shared.update_expiry_gauge();
         Ok(Connector {
             shared,

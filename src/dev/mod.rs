@@ -127,7 +127,10 @@ impl DevEnvironment {
             web_cert.display(),
             web_key.display()
         );
-        let _ = writeln!(text, "and connect to it with host, port, dbname and user only:");
+        let _ = writeln!(
+            text,
+            "and connect to it with host, port, dbname and user only:"
+        );
         let _ = writeln!(
             text,
             "  psql \"host=127.0.0.1 port={port} dbname={DEMO_DATABASE} user=app_rw\" -c 'select current_user, message from {DEMO_TABLE}'"
