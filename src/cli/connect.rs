@@ -108,3 +108,49 @@ pub fn main(args: ConnectArgs) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(
+            ["ephemera", "connect", "--to", "e:6432", "--ca", "ca.pem"]
+                .iter()
+                .chain(args),
+        )
+        .map(|cli| cli.command)
+    }
+
+    #[test]
+    fn exactly_one_credential_and_sane_defaults() {
+        let Command::Connect(args) = parse(&["--cert", "s.pem", "--key", "k.pem"]).unwrap() else {
+            panic!("not connect");
+        };
+        assert_eq!(args.listen.to_string(), "127.0.0.1:5432");
+        assert_eq!(args.grace, std::time::Duration::from_secs(10));
+        assert!(parse(&[]).is_err(), "a credential is required");
+        assert!(parse(&["--cert", "s.pem"]).is_err(), "--cert needs --key");
+        assert!(parse(&["--token-file", "t", "--workload-api", "unix:///a"]).is_err());
+        assert!(
+            parse(&["--token-file", "t", "--allow-uid", "1000"]).is_err(),
+            "--allow-uid is about the Unix socket"
+        );
+        let Command::Connect(args) = parse(&[
+            "--token-file",
+            "t",
+            "--socket-dir",
+            "/run/e",
+            "--allow-uid",
+            "1000",
+            "--allow-uid",
+            "1001",
+        ])
+        .unwrap() else {
+            panic!("not connect");
+        };
+        assert_eq!(args.allow_uid, vec![1000, 1001]);
+    }
+}

@@ -223,3 +223,12 @@ fn absolute(dir: &Path) -> Result<PathBuf, ClusterError> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_connector_port_stays_clear_of_the_proxys() {
+        assert_eq!(super::connector_port(6432), 16432);
+        assert_eq!(super::connector_port(60000), 50000);
+    }
+}
