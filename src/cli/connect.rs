@@ -12,6 +12,10 @@ use ephemera::connector::{
     workload_api_source, Connector, ConnectorOptions, Credential, FileSvid, SvidSource,
 };
 
+/// `--listen` unless given (and unless only `--socket-dir` is).
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5432);
+
 /// The flags of `ephemera connect`.
 #[derive(Debug, Clone, Args)]
 #[command(group(
@@ -40,10 +44,12 @@ pub struct ConnectArgs {
     /// An identity token, sent as the password; re-read for every connection.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// Where applications connect (loopback only).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5432")]
-    pub listen: SocketAddr,
-    /// Also listen on DIR/.s.PGSQL.<port> (libpq's host=DIR).
+    /// Where applications connect over TCP (loopback only). Default
+    /// 127.0.0.1:5432; with --socket-dir and no --listen, no TCP at all (the
+    /// socket is .s.PGSQL.5432).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Listen on DIR/.s.PGSQL.<port> (libpq's host=DIR), the port of --listen.
     #[arg(long, value_name = "DIR")]
     pub socket_dir: Option<PathBuf>,
     /// Only this uid may connect on the Unix socket (repeatable); without
@@ -73,7 +79,8 @@ impl ConnectArgs {
             to: self.to,
             ca: self.ca,
             credential,
-            listen: self.listen,
+            tcp: self.listen.is_some() || self.socket_dir.is_none(),
+            listen: self.listen.unwrap_or(DEFAULT_LISTEN),
             socket_dir: self.socket_dir,
             allow_uid: self.allow_uid,
             http: self.http,
@@ -129,7 +136,10 @@ mod tests {
         let Command::Connect(args) = parse(&["--cert", "s.pem", "--key", "k.pem"]).unwrap() else {
             panic!("not connect");
         };
-        assert_eq!(args.listen.to_string(), "127.0.0.1:5432");
+        assert_eq!(args.listen, None);
+        let options = args.clone().options().unwrap();
+        assert!(options.tcp, "TCP on the default address");
+        assert_eq!(options.listen.to_string(), "127.0.0.1:5432");
         assert_eq!(args.grace, std::time::Duration::from_secs(10));
         assert!(parse(&[]).is_err(), "a credential is required");
         assert!(parse(&["--cert", "s.pem"]).is_err(), "--cert needs --key");
@@ -152,5 +162,8 @@ mod tests {
             panic!("not connect");
         };
         assert_eq!(args.allow_uid, vec![1000, 1001]);
+        let options = args.clone().options().unwrap();
+        assert!(!options.tcp, "--socket-dir alone: the Unix socket only");
+        assert_eq!(options.listen.port(), 5432);
     }
 }

@@ -57,8 +57,10 @@ pub struct ConnectorOptions {
     /// The CA(s) of Ephemera's server certificate, PEM.
     pub ca: PathBuf,
     pub credential: Credential,
-    /// Loopback only.
+    /// Loopback only. Its port also names the Unix socket.
     pub listen: SocketAddr,
+    /// Listen on TCP at all (`false`: the Unix socket only).
+    pub tcp: bool,
     /// Also listen on `<dir>/.s.PGSQL.<port>`.
     pub socket_dir: Option<PathBuf>,
     /// Who may connect on the Unix socket (empty: our own uid).
@@ -73,6 +75,10 @@ pub struct ConnectorOptions {
 pub enum ConnectorError {
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error("nowhere to listen: TCP is off and there is no --socket-dir")]
+    NoListener,
+    #[error("the Unix socket needs a port for its name (.s.PGSQL.<port>); --listen port 0 is only for TCP")]
+    NoSocketPort,
     #[error(transparent)]
     Dial(#[from] DialSetupError),
     #[error("{0}")]
@@ -82,7 +88,7 @@ pub enum ConnectorError {
 /// A bound connector, ready to serve.
 pub struct Connector {
     shared: Arc<Shared>,
-    tcp: TcpListener,
+    tcp: Option<TcpListener>,
     unix: Option<(UnixListener, PathBuf, listen::UidGate)>,
     http: Option<TcpListener>,
     grace: Duration,
@@ -93,9 +99,19 @@ impl Connector {
     pub async fn bind(options: ConnectorOptions) -> Result<Connector, ConnectorError> {
         // The listen address first: a non-loopback one is the mistake that
         // matters most.
-        let tcp = listen::tcp(options.listen).await?;
+        let tcp = match (options.tcp, &options.socket_dir) {
+            (true, _) => Some(listen::tcp(options.listen).await?),
+            (false, Some(_)) if options.listen.port() == 0 => {
+                return Err(ConnectorError::NoSocketPort)
+            }
+            (false, Some(_)) => None,
+            (false, None) => return Err(ConnectorError::NoListener),
+        };
         let dialer = Dialer::new(&options.to, &options.ca, DIAL_TIMEOUT)?;
-        let port = tcp.local_addr().map_or(options.listen.port(), |a| a.port());
+        let port = tcp
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(options.listen.port(), |a| a.port());
         let unix = match &options.socket_dir {
             Some(dir) => {
                 let path = socket_path(dir, port);
@@ -130,7 +146,7 @@ impl Connector {
 
     /// Where applications connect over TCP.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.tcp.local_addr().ok()
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The Unix socket's path, if there is one.
@@ -167,7 +183,7 @@ impl Connector {
         }
         let socket = unix.as_ref().map(|(_, path, _)| path.clone());
         tokio::select! {
-            () = accept(&shared, &sessions, &tcp, unix.as_ref()) => {}
+            () = accept(&shared, &sessions, tcp.as_ref(), unix.as_ref()) => {}
             () = shutdown => {}
         }
         drop((tcp, unix));
@@ -196,12 +212,17 @@ impl Connector {
 async fn accept(
     shared: &Arc<Shared>,
     sessions: &TaskTracker,
-    tcp: &TcpListener,
+    tcp: Option<&TcpListener>,
     unix: Option<&(UnixListener, PathBuf, listen::UidGate)>,
 ) {
     loop {
         tokio::select! {
-            accepted = tcp.accept() => match accepted {
+            accepted = async {
+                match tcp {
+                    Some(listener) => listener.accept().await,
+                    None => std::future::pending().await,
+                }
+            } => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
                     sessions.spawn(bounded(shared.clone(), client::serve(shared.clone(), stream, None)));

@@ -130,6 +130,7 @@ fn options(proxy: &TestProxy, credential: Credential) -> ConnectorOptions {
         ca: proxy.files.server_ca_path.clone(),
         credential,
         listen: "127.0.0.1:0".parse().unwrap(),
+        tcp: true,
         socket_dir: None,
         allow_uid: Vec::new(),
         http: None,
@@ -321,6 +322,7 @@ async fn a_non_loopback_listen_is_refused_saying_why() {
         ca: ca_path.clone(),
         credential: Credential::TokenFile(dir.path().join("token")),
         listen: "0.0.0.0:0".parse().unwrap(),
+        tcp: true,
         socket_dir: None,
         allow_uid: Vec::new(),
         http: None,
@@ -386,6 +388,34 @@ async fn allow_uid_refuses_other_uids_on_the_unix_socket() {
     let client = connector.connect_unix(template).await.unwrap();
     assert_eq!(who(&client).await.1, ONE);
     drop(client);
+    drop(connector);
+
+    // The Unix socket alone: no TCP port another local user could use.
+    let sockets = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut socket_only = options(&proxy, file_svid(dir.path(), &proxy.svid(ONE)));
+    socket_only.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    socket_only.tcp = false;
+    socket_only.socket_dir = Some(sockets.path().to_owned());
+    let connector = Connector::bind(socket_only).await.unwrap();
+    assert_eq!(connector.local_addr(), None);
+    let socket = connector.socket_path().unwrap();
+    assert!(socket.ends_with(format!(".s.PGSQL.{port}")));
+    let task = tokio::spawn(connector.serve(std::future::pending()));
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path(sockets.path())
+        .port(port)
+        .user(template)
+        .dbname(DATABASE);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    assert_eq!(who(&client).await.1, ONE);
+    drop(client);
+    task.abort();
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await);
     proxy.shutdown().await;
 }
@@ -487,6 +517,7 @@ async fn an_unreachable_ephemera_is_a_fatal_naming_its_address() {
         ca: ca.write_pem(dir.path()),
         credential: file_svid(dir.path(), &svid),
         listen: "127.0.0.1:0".parse().unwrap(),
+        tcp: true,
         socket_dir: None,
         allow_uid: Vec::new(),
         http: Some("127.0.0.1:0".parse().unwrap()),
