@@ -18,6 +18,7 @@
 //! | the file DBAs write, validated | [`config`] |
 //! | TLS material: ours towards clients (reloadable), the upstream's | [`tls`] |
 //! | audit log, metrics, limits, process hardening | [`ops`] |
+//! | `ephemera connect`: the local connector for applications without credentials | [`connector`] |
 //! | `ephemera dev`: a throwaway cluster, a dev CA, a running proxy | [`dev`] |
 //!
 //! [`server`] builds the shared state and runs the listeners; [`workers`]
@@ -27,6 +28,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod connector;
 pub mod dev;
 pub mod engines;
 pub mod identity;

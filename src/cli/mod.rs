@@ -4,6 +4,7 @@
 //! * `args`: the admin API commands' arguments, and the client they describe;
 //! * `leases`: `ephemera leases|revoke|creds`, and how their answers are shown;
 //! * `exec`: `ephemera exec`;
+//! * `connect`: `ephemera connect`;
 //! * `serve`: `ephemera serve|dev|check-config`;
 //! * `audit`: `ephemera whois|audit`, from the ledger and the audit log.
 //!
@@ -12,6 +13,7 @@
 
 mod args;
 mod audit;
+mod connect;
 mod exec;
 mod leases;
 mod serve;
@@ -101,6 +103,14 @@ pub enum Command {
         #[command(flatten)]
         creds: CredsArgs,
     },
+    /// Let applications on this machine connect with no credentials: a
+    /// local PostgreSQL port that carries this workload's SVID (or token)
+    /// to Ephemera.
+    ///
+    /// Applications connect to --listen (loopback) or the Unix socket in
+    /// --socket-dir with no password and no TLS; each connection becomes a
+    /// mutual-TLS connection to Ephemera with the current SVID.
+    Connect(connect::ConnectArgs),
     /// Run COMMAND with standalone credentials for TEMPLATE, revoked when it exits.
     ///
     /// COMMAND gets PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE and
@@ -182,6 +192,7 @@ impl Command {
                     config: Some(_),
                     ..
                 }
+                | Command::Connect(_)
         )
     }
 
@@ -218,6 +229,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Leases { admin, command } => run_client(leases::leases(admin, command)),
         Command::Revoke { admin, select } => run_client(leases::revoke(admin, select)),
         Command::Creds { admin, creds } => run_client(leases::creds(admin, creds)),
+        Command::Connect(args) => report("ephemera connect", connect::main(args)),
         Command::Exec {
             admin,
             template,

@@ -108,7 +108,7 @@ fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler cannot fail on Unix");
     tokio::select! {

@@ -98,11 +98,43 @@ impl DevEnvironment {
             ca.display(),
             ca.display()
         );
+        self.connector_instructions(&mut text, &exe.to_string());
         let _ = writeln!(
             text,
             "\nPress Ctrl-C to stop: every lease is revoked and the cluster is stopped."
         );
         text
+    }
+
+    /// The connector line (as the app, with its SVID files) and the psql
+    /// line without any credential that goes with it.
+    fn connector_instructions(&self, text: &mut String, exe: &str) {
+        let (web_cert, web_key) = self.certs.svid(APP);
+        let mut to = self.listen;
+        if to.ip().is_unspecified() {
+            to.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let port = connector_port(self.listen.port());
+        let _ = writeln!(
+            text,
+            "\nOr connect with no credentials at all: run a local connector for {} (another terminal),",
+            APP.spiffe_id
+        );
+        let _ = writeln!(
+            text,
+            "  {exe} connect --to {to} --ca {} --cert {} --key {} --listen 127.0.0.1:{port}",
+            self.certs.ca().display(),
+            web_cert.display(),
+            web_key.display()
+        );
+        let _ = writeln!(
+            text,
+            "and connect to it with host, port, dbname and user only:"
+        );
+        let _ = writeln!(
+            text,
+            "  psql \"host=127.0.0.1 port={port} dbname={DEMO_DATABASE} user=app_rw\" -c 'select current_user, message from {DEMO_TABLE}'"
+        );
     }
 }
 
@@ -173,6 +205,14 @@ pub async fn prepare(
     })
 }
 
+/// The connector's port in the printed lines: clear of the proxy's and of
+/// a PostgreSQL already on 5432 (6432 gives 16432).
+fn connector_port(proxy_port: u16) -> u16 {
+    proxy_port
+        .checked_add(10_000)
+        .unwrap_or_else(|| proxy_port.saturating_sub(10_000))
+}
+
 fn absolute(dir: &Path) -> Result<PathBuf, ClusterError> {
     std::fs::create_dir_all(dir).map_err(|source| ClusterError::Io {
         path: dir.to_owned(),
@@ -182,4 +222,13 @@ fn absolute(dir: &Path) -> Result<PathBuf, ClusterError> {
         path: dir.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_connector_port_stays_clear_of_the_proxys() {
+        assert_eq!(super::connector_port(6432), 16432);
+        assert_eq!(super::connector_port(60000), 50000);
+    }
 }

@@ -33,7 +33,10 @@ async fn start_dev(dir: &Path, listen: &str, admin: &str) -> (Child, Vec<String>
             .expect("ephemera dev prints its instructions in time")
             .expect("read stdout")
             .expect("ephemera dev exited before it was ready");
-        if line.starts_with("  psql ") || line.contains(" leases list ") || line.contains(" exec ")
+        if line.starts_with("  psql ")
+            || line.contains(" leases list ")
+            || line.contains(" exec ")
+            || line.contains(" connect --to ")
         {
             commands.push(line.trim().to_owned());
         }
@@ -78,10 +81,11 @@ async fn dev_runs_pasted_lines_and_stops_cleanly() {
     let (mut dev, commands) = start_dev(dir.path(), &listen, &admin).await;
     assert_eq!(
         commands.len(),
-        3,
-        "psql, leases list and exec lines: {commands:?}"
+        5,
+        "psql, leases list, exec, connect and credential-less psql lines: {commands:?}"
     );
     let (psql_line, list_line, exec_line) = (&commands[0], &commands[1], &commands[2]);
+    let (connect_line, bare_psql_line) = (&commands[3], &commands[4]);
 
     // 1. The psql line, pasted as is.
     let out = sh(psql_line).await;
@@ -127,6 +131,42 @@ async fn dev_runs_pasted_lines_and_stops_cleanly() {
     let out = sh(exec_line).await;
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("eph_nightly_"), "{}", text(&out));
+
+    // 4. The connector line, and psql with no credentials through it.
+    assert!(!bare_psql_line.contains("ssl"), "{bare_psql_line}");
+    let mut connector = Command::new("sh")
+        .args(["-c", &format!("exec {connect_line}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the connector line runs");
+    let port = bare_psql_line
+        .split("port=")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("a port in the psql line");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the connector never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = sh(bare_psql_line).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("eph_app_rw_") && text(&out).contains("hello from Ephemera"),
+        "{}",
+        text(&out)
+    );
+    signal(&connector, libc::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(15), connector.wait())
+        .await
+        .expect("the connector stops on SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
 
     // Ctrl-C: leases revoked (the live session is terminated), cluster stopped, exit 0.
     signal(&dev, libc::SIGINT);

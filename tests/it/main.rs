@@ -25,6 +25,7 @@ mod cli;
 mod compat;
 mod compat_disconnect;
 mod config;
+mod connector;
 mod dev;
 mod engine_seam;
 mod exec;
