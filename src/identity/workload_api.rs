@@ -54,7 +54,10 @@ impl fmt::Debug for Svid {
         f.debug_struct("Svid")
             .field("spiffe_id", &self.spiffe_id.as_str())
             .field("chain_len", &self.chain.len())
-            .field("not_after", &humantime::format_rfc3339_seconds(self.not_after))
+            .field(
+                "not_after",
+                &humantime::format_rfc3339_seconds(self.not_after),
+            )
             .field("key", &"<redacted>")
             .finish()
     }
@@ -217,7 +220,11 @@ impl WorkloadApi {
     /// The CAs of `trust_domain` from the last update.
     pub fn bundle(&self, trust_domain: &str) -> Option<Vec<CertificateDer<'static>>> {
         let state = self.state.borrow();
-        state.material.as_ref()?.bundle(trust_domain).map(<[_]>::to_vec)
+        state
+            .material
+            .as_ref()?
+            .bundle(trust_domain)
+            .map(<[_]>::to_vec)
     }
 
     /// Every bundle from the last update (own trust domain and federated).
@@ -255,7 +262,11 @@ impl WorkloadApi {
         timeout: Duration,
     ) -> Option<Arc<X509Material>> {
         let mut rx = self.state.clone();
-        let newer = |s: &State| s.material.as_ref().is_some_and(|m| m.generation > generation);
+        let newer = |s: &State| {
+            s.material
+                .as_ref()
+                .is_some_and(|m| m.generation > generation)
+        };
         let state = tokio::time::timeout(timeout, rx.wait_for(newer))
             .await
             .ok()?
@@ -271,7 +282,9 @@ pub async fn fetch_once(
     timeout: Duration,
 ) -> Result<Arc<X509Material>, FetchOnceError> {
     let api = WorkloadApi::start(endpoint).map_err(FetchOnceError::Endpoint)?;
-    api.ready(timeout).await.map_err(FetchOnceError::Unavailable)
+    api.ready(timeout)
+        .await
+        .map_err(FetchOnceError::Unavailable)
 }
 
 /// Why [`fetch_once`] got nothing.
@@ -350,7 +363,10 @@ async fn stream_once(
     let client = spiffe::WorkloadApiClient::connect_to(endpoint)
         .await
         .map_err(unreachable)?;
-    let mut stream = client.stream_x509_contexts().await.map_err(|e| classify(endpoint, e))?;
+    let mut stream = client
+        .stream_x509_contexts()
+        .await
+        .map_err(|e| classify(endpoint, e))?;
     while let Some(item) = stream.next().await {
         let context = item.map_err(|e| classify(endpoint, e))?;
         match convert(&context, *generation + 1) {

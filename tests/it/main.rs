@@ -41,3 +41,4 @@ mod rotation;
 mod static_engine;
 mod tokens;
 mod workers;
+mod workload_api;

@@ -10,7 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = proto_dir.join("workload.proto");
     println!("cargo:rerun-if-changed={}", proto.display());
     tonic_prost_build::configure()
-        .build_client(false)
+        .build_client(true)
         .build_server(true)
         .compile_protos(&[proto], &[proto_dir, include])?;
     Ok(())

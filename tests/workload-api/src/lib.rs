@@ -3,11 +3,6 @@
 //! Workload API of their own on a Unix socket (`tests/common/workload_api.rs`);
 //! Ephemera itself talks to the Workload API with the `spiffe` crate.
 #![forbid(unsafe_code)]
-#![allow(
-    clippy::all,
-    clippy::pedantic,
-    missing_docs,
-    unreachable_pub
-)]
+#![allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
 
 tonic::include_proto!("_");
