@@ -15,14 +15,17 @@ use crate::config::schema::FileConfig;
 pub fn secret_file_warnings(file: &FileConfig, base: &Path) -> Vec<ConfigProblem> {
     use std::os::unix::fs::PermissionsExt;
     let secrets = [
-        ("tls.key", &file.tls.key),
+        ("tls.key", file.tls.key.as_ref()),
         (
             "upstream.admin_password_file",
-            &file.upstream.admin_password_file,
+            Some(&file.upstream.admin_password_file),
         ),
     ];
     let mut warnings = Vec::new();
     for (key, path) in secrets {
+        let Some(path) = path else {
+            continue;
+        };
         let path = base.join(path);
         let Ok(metadata) = std::fs::metadata(&path) else {
             continue;

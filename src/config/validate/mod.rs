@@ -19,7 +19,7 @@ use ephemera_engine::{AdminLogin, Upstream};
 
 use crate::config::problems::{ConfigProblem, Problems};
 use crate::config::schema::FileConfig;
-use crate::config::{LeaseSettings, Rules, Settings, UpstreamSettings};
+use crate::config::{FrontTls, LeaseSettings, Rules, Settings, UpstreamSettings};
 use crate::engines::{EngineRegistry, EnginesConfig};
 use crate::policy::Policy;
 
@@ -42,30 +42,29 @@ pub(crate) fn settings(
     let tokens = tokens::tokens(&file, base, &provider, &mut problems);
     let admin = admin::admin(
         &file,
+        file.tls.workload_api.is_some(),
         front.bundle.as_deref(),
         &front.server_identity,
         &provider,
         &mut problems,
     );
     let up = &file.upstream;
-    let (server_tls, svid_verifier) = (front.server_tls, front.svid_verifier);
-    match (
-        listen,
-        server_tls,
-        svid_verifier,
-        upstream_tls,
-        admin_password,
-    ) {
-        (Some(listen), Some(server_tls), Some(svid_verifier), Some(tls), Some(password))
-            if problems.0.is_empty() =>
-        {
+    let front_tls = match (front.workload_api, front.server_tls, front.svid_verifier) {
+        (Some(endpoint), _, _) => Some(FrontTls::WorkloadApi { endpoint }),
+        (None, Some(server_tls), Some(svid_verifier)) => Some(FrontTls::Files {
+            server_tls,
+            svid_verifier,
+        }),
+        _ => None,
+    };
+    match (listen, front_tls, upstream_tls, admin_password) {
+        (Some(listen), Some(front_tls), Some(tls), Some(password)) if problems.0.is_empty() => {
             Ok(Settings {
                 listen,
                 handshake_timeout: file.listen.handshake_timeout,
                 max_connections: file.listen.max_connections,
                 workers: lease::workers(&file),
-                server_tls,
-                svid_verifier,
+                front_tls,
                 upstream: UpstreamSettings {
                     host: up.host.clone(),
                     port: up.port,
