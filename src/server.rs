@@ -96,7 +96,13 @@ impl Reloader {
             })?;
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings.rules);
         match (settings.front_tls, &self.workload) {
-            (FrontTls::Files { server_tls, svid_verifier }, None) => {
+            (
+                FrontTls::Files {
+                    server_tls,
+                    svid_verifier,
+                },
+                None,
+            ) => {
                 self.tls.replace(TlsMaterial {
                     acceptor: TlsAcceptor::from(server_tls),
                     admin_acceptor: settings

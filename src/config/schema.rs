@@ -213,7 +213,6 @@ pub struct PolicySection {
     pub templates: Vec<String>,
 }
 
-
 mod defaults {
     use std::time::Duration;
 

@@ -30,7 +30,9 @@ pub enum WorkloadTlsError {
         trust_domain: String,
         source: TrustBundleError,
     },
-    #[error("tls.workload_api: the X.509-SVID of {spiffe_id} and its key cannot serve TLS: {reason}")]
+    #[error(
+        "tls.workload_api: the X.509-SVID of {spiffe_id} and its key cannot serve TLS: {reason}"
+    )]
     Certificate { spiffe_id: String, reason: String },
 }
 

@@ -42,3 +42,4 @@ mod static_engine;
 mod tokens;
 mod workers;
 mod workload_api;
+mod workload_serve;
