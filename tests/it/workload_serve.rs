@@ -33,8 +33,15 @@ fn server_svid(ca: &TestCa) -> TestCert {
     ca.issue("ephemera server svid", &params)
 }
 
-/// The proxy's configuration with `[tls]` in its Workload API form.
+/// The proxy's configuration with `[tls]` in its Workload API form,
+/// served.
 async fn proxy_on(agent: &TestWorkloadApi) -> TestProxy {
+    TestProxy::serve(files_for(&agent.endpoint(), "").await).await
+}
+
+/// The proxy's configuration with `[tls]` in its Workload API form (plus
+/// `tls_extra` in that section).
+async fn files_for(endpoint: &str, tls_extra: &str) -> ProxyFiles {
     let mut options = ProxyOptions::templates(&[TEMPLATE]);
     options.admin_listen = Some("127.0.0.1:0".into());
     let files = ProxyFiles::write(&options, "127.0.0.1:0").await;
@@ -42,13 +49,87 @@ async fn proxy_on(agent: &TestWorkloadApi) -> TestProxy {
     let start = config.find("[tls]").unwrap();
     let end = start + config[start..].find("[upstream]").unwrap();
     let config = format!(
-        "{}[tls]\nworkload_api = \"{}\"\n\n{}\n[[policy]]\nspiffe_id = \"{APP_ID}\"\ntemplates = [\"{TEMPLATE}\"]\n\n[[policy]]\nspiffe_id = \"{PARTNER_ID}\"\ntemplates = [\"{TEMPLATE}\"]\n",
+        "{}[tls]\nworkload_api = \"{}\"\n{tls_extra}\n\n{}\n[[policy]]\nspiffe_id = \"{APP_ID}\"\ntemplates = [\"{TEMPLATE}\"]\n\n[[policy]]\nspiffe_id = \"{PARTNER_ID}\"\ntemplates = [\"{TEMPLATE}\"]\n",
         &config[..start],
-        agent.endpoint(),
+        endpoint,
         &config[end..]
     );
     std::fs::write(&files.config_path, config).unwrap();
-    TestProxy::serve(files).await
+    files
+}
+
+/// `ephemera check-config ARGS`: (success, stdout + stderr).
+async fn check_config(args: Vec<String>) -> (bool, String) {
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+            .arg("check-config")
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_validates_the_form_and_connect_reports_what_the_agent_sent() {
+    let ca = TestCa::new("wlcheck-ca");
+    let partner = TestCa::new("wlcheck-partner");
+    let agent = TestWorkloadApi::start(
+        WorkloadMaterial::new(SERVER_ID, server_svid(&ca), vec![ca.cert_der()])
+            .with_bundle(PARTNER_TD, vec![partner.cert_der()]),
+    )
+    .await;
+    let files = files_for(&agent.endpoint(), "").await;
+    let path = files.config_path.display().to_string();
+    let (ok, text) = check_config(vec![path.clone()]).await;
+    assert!(ok, "{text}");
+    let (ok, text) = check_config(vec!["--connect".into(), path]).await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(SERVER_ID) && text.contains("expires"),
+        "{text}"
+    );
+    assert!(
+        text.contains("trust domain example.org") && text.contains(PARTNER_TD),
+        "{text}"
+    );
+
+    // Both forms at once: each file key is named.
+    let mixed = files_for(
+        &agent.endpoint(),
+        "cert = \"server.pem\"\ntrust_domains = [\"example.org\"]",
+    )
+    .await;
+    let (ok, text) = check_config(vec![mixed.config_path.display().to_string()]).await;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("tls.cert") && text.contains("tls.trust_domains"),
+        "{text}"
+    );
+    assert!(text.contains("tls.workload_api is set"), "{text}");
+
+    // Not an endpoint; and an agent that is not there (--connect).
+    let bad = files_for("http://agent", "").await;
+    let (ok, text) = check_config(vec![bad.config_path.display().to_string()]).await;
+    assert!(!ok && text.contains("tls.workload_api"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let gone = files_for(&format!("unix://{}/none.sock", dir.path().display()), "").await;
+    let (ok, text) = check_config(vec![
+        "--connect".into(),
+        gone.config_path.display().to_string(),
+    ])
+    .await;
+    assert!(
+        !ok && text.contains("tls.workload_api") && text.contains("unreachable"),
+        "{text}"
+    );
 }
 
 /// Connect with `client`, trusting `server_cas` for Ephemera's certificate.
