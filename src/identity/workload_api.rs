@@ -237,10 +237,10 @@ impl WorkloadApi {
             .unwrap_or_default()
     }
 
-    /// A receiver that changes with every update (and every failure);
-    /// [`WorkloadApi::material`] reads what it announced.
-    pub fn subscribe(&self) -> watch::Receiver<impl Sized + Send + Sync + 'static> {
-        self.state.clone()
+    /// Wakes on every update (and every failure); [`WorkloadApi::material`]
+    /// and [`WorkloadApi::svid`] read what it announced.
+    pub fn subscribe(&self) -> Updates {
+        Updates(self.state.clone())
     }
 
     /// Wait for material with a valid SVID, at most `timeout`; on timeout,
@@ -272,6 +272,17 @@ impl WorkloadApi {
             .ok()?
             .ok()?;
         state.material.clone()
+    }
+}
+
+/// See [`WorkloadApi::subscribe`].
+#[derive(Debug)]
+pub struct Updates(watch::Receiver<State>);
+
+impl Updates {
+    /// Wait for the next change; `false` once the client has stopped.
+    pub async fn changed(&mut self) -> bool {
+        self.0.changed().await.is_ok()
     }
 }
 

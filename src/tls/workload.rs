@@ -167,7 +167,7 @@ async fn follow(
     mut generation: u64,
 ) {
     let mut updates = api.subscribe();
-    while updates.changed().await.is_ok() {
+    while updates.changed().await {
         let Some(x509) = api.material() else {
             continue;
         };
