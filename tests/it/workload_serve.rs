@@ -240,6 +240,11 @@ async fn serve_accepts_clients_after_a_ca_rotation_pushed_by_the_workload_api() 
         .await
         .unwrap();
 
+    // SIGHUP's reload leaves the TLS material to the stream.
+    proxy.reloader.reload().unwrap();
+    let after_reload = connect(&proxy, &[&ca2], &ca2.svid(APP_ID)).await;
+    assert!(after_reload.is_ok(), "{after_reload:?}");
+
     drop((old_session, partner_session, new_session));
     proxy.shutdown().await;
 }
