@@ -200,6 +200,7 @@ pub(super) fn rules() -> Rules {
             database: "db".into(),
             ttl: TTL,
             max_ttl: MAX_TTL,
+            statement_audit: None,
         },
     )]);
     let rule = PolicyRule {
@@ -237,6 +238,7 @@ fn settings() -> TemplateSettings {
         database: "db".into(),
         ttl: TTL,
         max_ttl: MAX_TTL,
+        statement_audit: None,
     }
 }
 
