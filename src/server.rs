@@ -15,13 +15,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{AdminServer, AdminState};
-use crate::config::{ConfigErrors, Settings};
+use crate::config::{AdminSettings, ConfigErrors, FrontTls, Settings};
 use crate::engines::{EngineRegistry, Engines};
 use crate::leases::{LeaseManager, SharedRules};
 use crate::ops::audit::AuditLog;
 use crate::session::cancel::CancelMap;
 use crate::session::services::Services;
 use crate::session::{self, front_door};
+use crate::tls::workload::{WorkloadTls, WorkloadTlsError, FIRST_UPDATE_TIMEOUT};
 use crate::tls::{SharedTls, TlsMaterial};
 use crate::workers::{WorkerLoad, Workers};
 
@@ -39,6 +40,8 @@ pub enum ServeError {
     Engine(#[from] ephemera_engine::EngineError),
     #[error("cannot start the session threads: {0}")]
     Workers(std::io::Error),
+    #[error("cannot get Ephemera's certificate and trust bundles: {0}")]
+    WorkloadApi(#[from] WorkloadTlsError),
     #[error("cannot open the audit log {path}: {source}")]
     Audit {
         path: PathBuf,
@@ -67,6 +70,9 @@ pub struct Reloader {
     /// The engine kinds the configuration was loaded with.
     registry: EngineRegistry,
     tls: SharedTls,
+    /// With `[tls] workload_api`: the stream that feeds `tls` (kept alive
+    /// here; a reload leaves the TLS material to it).
+    workload: Option<Arc<WorkloadTls>>,
 }
 
 impl Reloader {
@@ -89,14 +95,63 @@ impl Reloader {
                 }],
             })?;
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings.rules);
-        self.tls.replace(TlsMaterial {
-            acceptor: TlsAcceptor::from(settings.server_tls),
-            admin_acceptor: settings.admin.map(|admin| TlsAcceptor::from(admin.tls)),
-            svid_verifier: settings.svid_verifier,
-        });
-        tracing::info!(path = %path.display(),
-            "templates, policy, admin credentials, certificate and trust bundle reloaded");
+        match (settings.front_tls, &self.workload) {
+            (
+                FrontTls::Files {
+                    server_tls,
+                    svid_verifier,
+                },
+                None,
+            ) => {
+                self.tls.replace(TlsMaterial {
+                    acceptor: TlsAcceptor::from(server_tls),
+                    admin_acceptor: settings
+                        .admin
+                        .and_then(|admin| admin.tls)
+                        .map(TlsAcceptor::from),
+                    svid_verifier,
+                });
+                tracing::info!(path = %path.display(),
+                    "templates, policy, admin credentials, certificate and trust bundle reloaded");
+            }
+            (FrontTls::WorkloadApi { endpoint }, Some(workload))
+                if endpoint == workload.api.endpoint() =>
+            {
+                tracing::info!(path = %path.display(),
+                    "templates, policy and admin credentials reloaded; certificate and trust bundles follow the SPIFFE Workload API");
+            }
+            _ => tracing::warn!(path = %path.display(),
+                "templates, policy and admin credentials reloaded; [tls] changed between files and tls.workload_api (or its endpoint): restart for that"),
+        }
         Ok(())
+    }
+}
+
+/// The listeners' TLS: from the files as loaded, or from the Workload API
+/// (waiting for its first SVID, then following it).
+async fn front_tls(
+    front: FrontTls,
+    admin: Option<&AdminSettings>,
+) -> Result<(SharedTls, Option<Arc<WorkloadTls>>), WorkloadTlsError> {
+    match front {
+        FrontTls::Files {
+            server_tls,
+            svid_verifier,
+        } => Ok((
+            SharedTls::new(TlsMaterial {
+                acceptor: TlsAcceptor::from(server_tls),
+                admin_acceptor: admin
+                    .and_then(|admin| admin.tls.clone())
+                    .map(TlsAcceptor::from),
+                svid_verifier,
+            }),
+            None,
+        )),
+        FrontTls::WorkloadApi { endpoint } => {
+            let workload =
+                WorkloadTls::start(&endpoint, admin.is_some(), FIRST_UPDATE_TIMEOUT).await?;
+            Ok((workload.tls.clone(), Some(Arc::new(workload))))
+        }
     }
 }
 
@@ -155,14 +210,7 @@ impl Server {
             settings.lease.issue_rate_per_identity,
             settings.lease.issue_burst_per_identity,
         ));
-        let tls = SharedTls::new(TlsMaterial {
-            acceptor: TlsAcceptor::from(settings.server_tls),
-            admin_acceptor: settings
-                .admin
-                .as_ref()
-                .map(|admin| TlsAcceptor::from(admin.tls.clone())),
-            svid_verifier: settings.svid_verifier,
-        });
+        let (tls, workload) = front_tls(settings.front_tls, settings.admin.as_ref()).await?;
         let services = Arc::new(Services {
             handshake_timeout: settings.handshake_timeout,
             tls: tls.clone(),
@@ -202,6 +250,7 @@ impl Server {
                 engines,
                 registry: settings.engines.registry.clone(),
                 tls,
+                workload,
             },
             revoke_standalone_on_shutdown: false,
         })

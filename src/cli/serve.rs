@@ -34,6 +34,9 @@ pub fn check_config(path: &Path, connect: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        for note in &check.notes {
+            println!("{note}");
+        }
         for warning in &check.warnings {
             eprintln!(
                 "{}: warning: {}: {}",

@@ -124,8 +124,9 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     pub identities: Vec<IdPattern>,
     /// Same server certificate as the proxy; client certificates required
-    /// and verified against the trust bundle during the handshake.
-    pub tls: Arc<rustls::ServerConfig>,
+    /// and verified against the trust bundle during the handshake. `None`
+    /// with `[tls] workload_api`: built from each update instead.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl fmt::Debug for AdminSettings {
@@ -144,8 +145,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Session threads (`listen.workers`), resolved: at least 1.
     pub workers: usize,
-    pub server_tls: Arc<rustls::ServerConfig>,
-    pub svid_verifier: Arc<SvidVerifier>,
+    /// Where the listeners' certificate and trust bundles come from.
+    pub front_tls: FrontTls,
     pub upstream: UpstreamSettings,
     /// The engines, what they start with, and their templates.
     pub engines: EnginesConfig,
@@ -158,6 +159,19 @@ pub struct Settings {
     pub audit_statement_queue: usize,
     /// The file this was loaded from, to reload it.
     pub source: Option<PathBuf>,
+}
+
+/// `[tls]`, in one of its two forms.
+pub enum FrontTls {
+    /// `cert`, `key`, `trust_bundle`, `[tls.federation]`: read now, again
+    /// on reload.
+    Files {
+        server_tls: Arc<rustls::ServerConfig>,
+        svid_verifier: Arc<SvidVerifier>,
+    },
+    /// `workload_api`: everything from the SPIFFE Workload API's stream,
+    /// once the server starts.
+    WorkloadApi { endpoint: String },
 }
 
 /// The reloadable part of the configuration.

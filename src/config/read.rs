@@ -16,17 +16,20 @@ pub fn secret_file_warnings(file: &FileConfig, base: &Path) -> Vec<ConfigProblem
     use std::os::unix::fs::PermissionsExt;
     let login_ca_key = std::path::PathBuf::from(&file.upstream.login_ca_key);
     let mut secrets = vec![
-        ("tls.key", &file.tls.key),
+        ("tls.key", file.tls.key.as_ref()),
         (
             "upstream.admin_password_file",
-            &file.upstream.admin_password_file,
+            Some(&file.upstream.admin_password_file),
         ),
     ];
     if !file.upstream.login_ca_key.is_empty() {
-        secrets.push(("upstream.login_ca_key", &login_ca_key));
+        secrets.push(("upstream.login_ca_key", Some(&login_ca_key)));
     }
     let mut warnings = Vec::new();
     for (key, path) in secrets {
+        let Some(path) = path else {
+            continue;
+        };
         let path = base.join(path);
         let Ok(metadata) = std::fs::metadata(&path) else {
             continue;

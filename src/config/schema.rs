@@ -13,8 +13,7 @@ use serde::Deserialize;
 /// enough ahead (the year 9999) a time is no longer representable.
 pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
 
-/// The ALPN protocol PostgreSQL 17 clients announce for direct TLS.
-pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+pub use crate::tls::server_config::{ALPN_POSTGRESQL, CLIENT_RECORD_PLAINTEXT};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,10 +115,20 @@ pub struct ListenSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub trust_bundle: PathBuf,
+    /// Ephemera's certificate, key and trust bundle from files (with
+    /// `trust_domains` and `federation`) …
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
+    #[serde(default)]
     pub trust_domains: Vec<String>,
+    /// … or all of it from the SPIFFE Workload API at this endpoint
+    /// (`unix:///run/spire/sockets/agent.sock`).
+    #[serde(default)]
+    pub workload_api: Option<String>,
     /// Federated trust domains, each with its own bundle file: their SVIDs
     /// must chain to that bundle, and only theirs may.
     #[serde(default)]
@@ -247,13 +256,6 @@ pub struct PolicySection {
     pub claims: Option<serde_json::Map<String, serde_json::Value>>,
     pub templates: Vec<String>,
 }
-
-/// The most plaintext a TLS record towards a PostgreSQL client carries, as
-/// PostgreSQL itself sends (its SSL buffer is 8 KiB).
-pub const CLIENT_RECORD_PLAINTEXT: usize = 8192;
-/// rustls counts `max_fragment_size` with the record header (type, version,
-/// length).
-pub(crate) const TLS_RECORD_HEADER: usize = 5;
 
 mod defaults {
     use std::time::Duration;

@@ -21,6 +21,7 @@ mod spiffe_id;
 mod svid;
 mod tls_layer;
 pub mod token;
+pub mod workload_api;
 
 pub use self::principal::Principal;
 pub(crate) use self::spiffe_id::parse_spiffe_uri;

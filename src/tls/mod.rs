@@ -1,9 +1,13 @@
 //! The TLS material the listeners use: Ephemera's own certificate and the
 //! SPIFFE trust bundle. SPIRE rotates both (server SVIDs live about an
-//! hour, CAs a day), so a reload (SIGHUP) swaps them in place: connections
-//! accepted afterwards use the new files, established ones keep theirs.
+//! hour, CAs a day), so they are swapped in place: from files on reload
+//! (SIGHUP), or from the SPIFFE Workload API on every update it streams
+//! (`workload.rs`). Connections accepted afterwards use the new material,
+//! established ones keep theirs.
 
+pub mod server_config;
 pub mod upstream;
+pub mod workload;
 
 use std::sync::{Arc, RwLock};
 

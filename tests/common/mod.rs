@@ -15,6 +15,7 @@ pub mod pg;
 pub mod pki;
 pub mod proxy;
 pub mod raw;
+pub mod workload_api;
 
 pub use pg::{cluster, exec_sql, TestCluster, HOST, SUPERUSER};
 pub use pki::{make_tls_connect, svid_params, tls_client_config, TestCa, TestCert};

@@ -44,3 +44,5 @@ mod statement_audit;
 mod static_engine;
 mod tokens;
 mod workers;
+mod workload_api;
+mod workload_serve;

@@ -11,9 +11,11 @@ use crate::config::problems::Problems;
 use crate::config::schema::FileConfig;
 use crate::config::AdminSettings;
 use crate::policy::IdPattern;
+use crate::tls::server_config::admin_config;
 
 pub(super) fn admin(
     file: &FileConfig,
+    from_workload_api: bool,
     bundle: Option<&[CertificateDer<'static>]>,
     server_identity: &Option<ServerIdentity>,
     provider: &Arc<CryptoProvider>,
@@ -50,9 +52,19 @@ pub(super) fn admin(
                 ),
             }
         }
-        let tls = admin_tls(bundle?, clone_identity(server_identity)?, provider.clone())
-            .map_err(|e| problems.add("admin", format!("cannot set up TLS for the admin API: {e}")))
-            .ok()?;
+        // With the Workload API, the admin API's TLS is built from each
+        // update, like the listener's.
+        let tls = if from_workload_api {
+            None
+        } else {
+            let (chain, key) = clone_identity(server_identity)?;
+            let tls = admin_config(bundle?, chain, key, provider.clone())
+                .map_err(|e| {
+                    problems.add("admin", format!("cannot set up TLS for the admin API: {e}"))
+                })
+                .ok()?;
+            Some(tls)
+        };
         Some(AdminSettings {
             listen: listen?,
             identities,
@@ -61,31 +73,4 @@ pub(super) fn admin(
     });
 
     admin
-}
-
-/// The admin API's TLS: client certificates are required and must chain to
-/// the trust bundle before any HTTP is spoken.
-fn admin_tls(
-    bundle: &[CertificateDer<'static>],
-    (chain, key): ServerIdentity,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-) -> Result<Arc<rustls::ServerConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in bundle {
-        roots.add(cert.clone()).map_err(|e| e.to_string())?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| e.to_string())?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }

@@ -19,7 +19,7 @@ use ephemera_engine::{AdminLogin, Upstream};
 
 use crate::config::problems::{ConfigProblem, Problems};
 use crate::config::schema::FileConfig;
-use crate::config::{LeaseSettings, Rules, Settings, UpstreamSettings};
+use crate::config::{FrontTls, LeaseSettings, Rules, Settings, UpstreamSettings};
 use crate::engines::{EngineRegistry, EnginesConfig};
 use crate::policy::Policy;
 
@@ -47,76 +47,73 @@ pub(crate) fn settings(
     let tokens = tokens::tokens(&file, base, &provider, &mut problems);
     let admin = admin::admin(
         &file,
+        file.tls.workload_api.is_some(),
         front.bundle.as_deref(),
         &front.server_identity,
         &provider,
         &mut problems,
     );
     let up = &file.upstream;
-    let (server_tls, svid_verifier) = (front.server_tls, front.svid_verifier);
-    match (
-        listen,
-        server_tls,
-        svid_verifier,
-        upstream_tls,
-        admin_password,
-        login,
-    ) {
-        (
-            Some(listen),
-            Some(server_tls),
-            Some(svid_verifier),
-            Some(tls),
-            Some(password),
-            Some(login),
-        ) if problems.0.is_empty() => Ok(Settings {
-            listen,
-            handshake_timeout: file.listen.handshake_timeout,
-            max_connections: file.listen.max_connections,
-            workers: lease::workers(&file),
+    let front_tls = match (front.workload_api, front.server_tls, front.svid_verifier) {
+        (Some(endpoint), _, _) => Some(FrontTls::WorkloadApi { endpoint }),
+        (None, Some(server_tls), Some(svid_verifier)) => Some(FrontTls::Files {
             server_tls,
             svid_verifier,
-            upstream: UpstreamSettings {
-                host: up.host.clone(),
-                port: up.port,
-                tls: tls.clone(),
-                connect_timeout: up.connect_timeout,
-            },
-            engines: EnginesConfig {
-                registry,
-                upstream: Upstream {
+        }),
+        _ => None,
+    };
+    match (listen, front_tls, upstream_tls, admin_password, login) {
+        (Some(listen), Some(front_tls), Some(tls), Some(password), Some(login))
+            if problems.0.is_empty() =>
+        {
+            Ok(Settings {
+                listen,
+                handshake_timeout: file.listen.handshake_timeout,
+                max_connections: file.listen.max_connections,
+                workers: lease::workers(&file),
+                front_tls,
+                upstream: UpstreamSettings {
                     host: up.host.clone(),
                     port: up.port,
-                    tls: tls.engine_config(),
+                    tls: tls.clone(),
                     connect_timeout: up.connect_timeout,
-                    login,
                 },
-                admin: AdminLogin {
-                    user: up.admin_user.clone(),
-                    password,
-                    database: up.admin_database.clone(),
-                    pool_size: up.pool_size,
+                engines: EnginesConfig {
+                    registry,
+                    upstream: Upstream {
+                        host: up.host.clone(),
+                        port: up.port,
+                        tls: tls.engine_config(),
+                        connect_timeout: up.connect_timeout,
+                        login,
+                    },
+                    admin: AdminLogin {
+                        user: up.admin_user.clone(),
+                        password,
+                        database: up.admin_database.clone(),
+                        pool_size: up.pool_size,
+                    },
+                    login_window: file.lease.login_window,
+                    templates: engine_templates,
                 },
-                login_window: file.lease.login_window,
-                templates: engine_templates,
-            },
-            rules: Rules {
-                templates,
-                policy: Policy::new(rules),
-                tokens: Arc::new(tokens),
-            },
-            lease: LeaseSettings {
-                login_window: file.lease.login_window,
-                reap_interval: file.lease.reap_interval,
-                bind_to_svid: file.lease.bind_to_svid,
-                issue_rate_per_identity: file.lease.issue_rate_per_identity,
-                issue_burst_per_identity: file.lease.issue_burst_per_identity,
-            },
-            admin,
-            audit_path: file.audit.path.as_ref().map(|p| base.join(p)),
-            audit_statement_queue: file.audit.statement_queue,
-            source: None,
-        }),
+                rules: Rules {
+                    templates,
+                    policy: Policy::new(rules),
+                    tokens: Arc::new(tokens),
+                },
+                lease: LeaseSettings {
+                    login_window: file.lease.login_window,
+                    reap_interval: file.lease.reap_interval,
+                    bind_to_svid: file.lease.bind_to_svid,
+                    issue_rate_per_identity: file.lease.issue_rate_per_identity,
+                    issue_burst_per_identity: file.lease.issue_burst_per_identity,
+                },
+                admin,
+                audit_path: file.audit.path.as_ref().map(|p| base.join(p)),
+                audit_statement_queue: file.audit.statement_queue,
+                source: None,
+            })
+        }
         _ => Err(problems.0),
     }
 }

@@ -9,10 +9,9 @@ use rustls::pki_types::CertificateDer;
 
 use super::files::{clone_identity, load_certs, load_key, ServerIdentity};
 use crate::config::problems::Problems;
-use crate::config::schema::{
-    FileConfig, ALPN_POSTGRESQL, CLIENT_RECORD_PLAINTEXT, TLS_RECORD_HEADER,
-};
-use crate::identity::{AcceptAnyClientCert, SvidVerifier};
+use crate::config::schema::FileConfig;
+use crate::identity::SvidVerifier;
+use crate::tls::server_config::front_door_config;
 
 /// What `[tls]` yields; `None` where a problem was recorded.
 pub(super) struct FrontDoorTls {
@@ -21,6 +20,8 @@ pub(super) struct FrontDoorTls {
     /// Every bundle's CAs (the admin API's TLS layer accepts them all).
     pub bundle: Option<Vec<CertificateDer<'static>>>,
     pub server_identity: Option<ServerIdentity>,
+    /// `tls.workload_api`, checked: the other fields are then `None`.
+    pub workload_api: Option<String>,
 }
 
 pub(super) fn front_door(
@@ -29,32 +30,33 @@ pub(super) fn front_door(
     provider: &Arc<CryptoProvider>,
     problems: &mut Problems,
 ) -> FrontDoorTls {
-    let (bundle, svid_verifier) = trust(file, base, provider, problems);
+    if let Some(endpoint) = &file.tls.workload_api {
+        return workload_api(file, endpoint, problems);
+    }
+    let required = |path: &Option<std::path::PathBuf>, key: &str, problems: &mut Problems| {
+        if path.is_none() {
+            problems.add(
+                format!("tls.{key}"),
+                "missing: set tls.cert, tls.key and tls.trust_bundle (files), or tls.workload_api (the SPIFFE Workload API)",
+            );
+        }
+        path.as_ref().map(|p| base.join(p))
+    };
+    let cert_path = required(&file.tls.cert, "cert", problems);
+    let key_path = required(&file.tls.key, "key", problems);
+    let bundle_path = required(&file.tls.trust_bundle, "trust_bundle", problems);
+    let (bundle, svid_verifier) = match bundle_path {
+        Some(path) => trust(file, &path, base, provider, problems),
+        None => (None, None),
+    };
     let svid_verifier = svid_verifier.map(Arc::new);
-    let cert_chain = load_certs(&base.join(&file.tls.cert), "tls.cert", problems);
-    let key = load_key(&base.join(&file.tls.key), "tls.key", problems);
+    let cert_chain = cert_path.and_then(|p| load_certs(&p, "tls.cert", problems));
+    let key = key_path.and_then(|p| load_key(&p, "tls.key", problems));
     let server_identity = cert_chain.zip(key);
     let server_tls = match (&svid_verifier, clone_identity(&server_identity)) {
         (Some(verifier), Some((chain, key))) => {
-            match rustls::ServerConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map(|b| {
-                    b.with_client_cert_verifier(Arc::new(AcceptAnyClientCert::new(
-                        verifier.clone(),
-                    )))
-                })
-                .and_then(|b| b.with_single_cert(chain, key))
-            {
-                Ok(mut config) => {
-                    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-                    // What PostgreSQL sends: records of at most 8 KiB of
-                    // plaintext. libpq in non-blocking mode can leave a
-                    // bigger record's decrypted bytes buffered where its
-                    // socket wait never sees them, and async clients
-                    // hang (SECURITY.md, review findings).
-                    config.max_fragment_size = Some(CLIENT_RECORD_PLAINTEXT + TLS_RECORD_HEADER);
-                    Some(Arc::new(config))
-                }
+            match front_door_config(verifier.clone(), chain, key, provider.clone()) {
+                Ok(config) => Some(config),
                 Err(e) => {
                     problems.add(
                         "tls.key",
@@ -72,12 +74,48 @@ pub(super) fn front_door(
         svid_verifier,
         bundle,
         server_identity,
+        workload_api: None,
+    }
+}
+
+/// `tls.workload_api`: the one form or the other, never a mix.
+fn workload_api(file: &FileConfig, endpoint: &str, problems: &mut Problems) -> FrontDoorTls {
+    let tls = &file.tls;
+    let mixed = [
+        ("tls.cert", tls.cert.is_some()),
+        ("tls.key", tls.key.is_some()),
+        ("tls.trust_bundle", tls.trust_bundle.is_some()),
+        ("tls.trust_domains", !tls.trust_domains.is_empty()),
+        ("tls.federation", !tls.federation.is_empty()),
+    ];
+    for (key, set) in mixed {
+        if set {
+            problems.add(
+                key,
+                "tls.workload_api is set: the certificate, key and every trust bundle (own and federated trust domains) come from the SPIFFE Workload API; remove this key, or remove tls.workload_api to use files",
+            );
+        }
+    }
+    let checked = match crate::identity::workload_api::parse_endpoint(endpoint) {
+        Ok(()) => Some(endpoint.to_owned()),
+        Err(e) => {
+            problems.add("tls.workload_api", e.to_string());
+            None
+        }
+    };
+    FrontDoorTls {
+        server_tls: None,
+        svid_verifier: None,
+        bundle: None,
+        server_identity: None,
+        workload_api: checked,
     }
 }
 
 /// The trust domains and their bundles, as one verifier.
 fn trust(
     file: &FileConfig,
+    bundle_path: &Path,
     base: &Path,
     provider: &Arc<CryptoProvider>,
     problems: &mut Problems,
@@ -99,11 +137,7 @@ fn trust(
             ),
         }
     }
-    let mut bundle = load_certs(
-        &base.join(&file.tls.trust_bundle),
-        "tls.trust_bundle",
-        problems,
-    );
+    let mut bundle = load_certs(bundle_path, "tls.trust_bundle", problems);
     let mut svid_verifier = bundle.as_ref().and_then(|bundle| {
         match SvidVerifier::new(bundle, trust_domains.clone(), provider.clone()) {
             Ok(v) => Some(v),
