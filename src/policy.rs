@@ -7,6 +7,13 @@
 //! and JWT-SVIDs alike. A token rule matches tokens of the `[[tokens.issuer]]`
 //! it names whose claims match (see [`ClaimsPattern`]). An identity may use
 //! the union of the templates of every rule it matches.
+//!
+//! A SPIFFE ID rule with `on_behalf_of = { token_issuer, claims }` is for
+//! agents acting for people: it matches only an agent whose SPIFFE ID
+//! matches (its X.509-SVID, or the `act.sub` of an RFC 8693 token) and that
+//! presented a person's token of that issuer whose claims match. Such a
+//! principal matches no other kind of rule: an agent does not inherit the
+//! person's own grants, nor uses its plain grants while acting for one.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -109,17 +116,53 @@ pub enum Matcher {
         issuer: String,
         claims: ClaimsPattern,
     },
+    /// `spiffe_id = "…"` with `on_behalf_of = { token_issuer, claims }`:
+    /// an agent acting for a person.
+    OnBehalf {
+        actor: IdPattern,
+        issuer: String,
+        claims: ClaimsPattern,
+    },
 }
 
 impl Matcher {
     pub fn matches(&self, principal: &Principal) -> bool {
-        match self {
-            Matcher::Spiffe(pattern) => {
+        match (self, principal) {
+            (Matcher::OnBehalf { .. }, Principal::OnBehalf(on_behalf)) => {
+                self.matches_actor(principal)
+                    && self.matches_subject(&on_behalf.subject.issuer, &on_behalf.subject.claims)
+            }
+            (Matcher::OnBehalf { .. }, _) | (_, Principal::OnBehalf(_)) => false,
+            (Matcher::Spiffe(pattern), _) => {
                 principal.spiffe_id().is_some_and(|id| pattern.matches(&id))
             }
-            Matcher::Token { issuer, claims } => principal
+            (Matcher::Token { issuer, claims }, _) => principal
                 .token()
                 .is_some_and(|t| t.issuer == *issuer && claims.matches(&t.claims)),
+        }
+    }
+
+    /// An `on_behalf_of` rule whose agent pattern matches `principal`'s
+    /// SPIFFE ID (whatever it acts for).
+    fn matches_actor(&self, principal: &Principal) -> bool {
+        match self {
+            Matcher::OnBehalf { actor, .. } => {
+                principal.spiffe_id().is_some_and(|id| actor.matches(&id))
+            }
+            _ => false,
+        }
+    }
+
+    fn matches_subject(
+        &self,
+        token_issuer: &str,
+        token_claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> bool {
+        match self {
+            Matcher::OnBehalf { issuer, claims, .. } => {
+                issuer == token_issuer && claims.matches(token_claims)
+            }
+            _ => false,
         }
     }
 }
@@ -163,6 +206,17 @@ impl Policy {
             .filter(|rule| rule.matcher.matches(id))
             .flat_map(|rule| rule.templates.iter().cloned())
             .collect()
+    }
+
+    /// Whether `id`, an X.509-SVID, must present the token of the person it
+    /// acts for to get `template`: no rule grants it outright, but an
+    /// `on_behalf_of` rule for its SPIFFE ID lists it.
+    pub fn wants_subject(&self, id: &Principal, template: &str) -> bool {
+        matches!(id, Principal::Svid(_))
+            && !self.templates_for(id).contains(template)
+            && self.rules.iter().any(|rule| {
+                rule.matcher.matches_actor(id) && rule.templates.iter().any(|t| t == template)
+            })
     }
 
     pub fn decide(&self, id: &Principal, template: &str) -> Decision {

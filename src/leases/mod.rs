@@ -281,6 +281,7 @@ impl LeaseManager {
             lease_id: uuid::Uuid::new_v4(),
             kind,
             identity: identity.to_string(),
+            subject: identity.subject().map(str::to_owned),
             template: template.to_owned(),
             client_addr,
             ttl: settings.ttl,
