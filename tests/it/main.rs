@@ -34,6 +34,7 @@ mod intermediate_ca;
 mod layout;
 mod leases;
 mod limits;
+mod on_behalf;
 mod proptest_protocol;
 mod refusals;
 mod review_attacks;
