@@ -177,6 +177,7 @@ impl Server {
                 tls.clone(),
                 AdminState {
                     leases,
+                    rules: rules.clone(),
                     issue_limiter,
                     upstream: settings.upstream,
                     metrics,

@@ -50,7 +50,8 @@ pub(super) fn admin(
                 ),
             }
         }
-        let tls = admin_tls(bundle?, clone_identity(server_identity)?, provider.clone())
+        let tokens = !file.tokens.issuer.is_empty();
+        let tls = admin_tls(bundle?, clone_identity(server_identity)?, provider.clone(), tokens)
             .map_err(|e| problems.add("admin", format!("cannot set up TLS for the admin API: {e}")))
             .ok()?;
         Some(AdminSettings {
@@ -63,23 +64,31 @@ pub(super) fn admin(
     admin
 }
 
-/// The admin API's TLS: client certificates are required and must chain to
-/// the trust bundle before any HTTP is spoken.
+/// The admin API's TLS: a client certificate must chain to the trust bundle
+/// before any HTTP is spoken. With token issuers configured, a client may
+/// come without one (`ephemera exec --token-file`); every request of such a
+/// connection then needs a verified `Authorization: Bearer` token
+/// (`admin::bearer`), and admin-only endpoints stay closed to it.
 fn admin_tls(
     bundle: &[CertificateDer<'static>],
     (chain, key): ServerIdentity,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    tokens: bool,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in bundle {
         roots.add(cert.clone()).map_err(|e| e.to_string())?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
-    )
-    .build()
-    .map_err(|e| e.to_string())?;
+    );
+    let builder = if tokens {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    let verifier = builder.build().map_err(|e| e.to_string())?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
