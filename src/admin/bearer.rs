@@ -54,7 +54,10 @@ fn bearer(headers: &HeaderMap) -> Result<BearerToken, Failure> {
     let text = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .ok_or_else(|| {
             unauthorized("the Authorization header must be \"Bearer <identity token>\"".to_owned())
         })?;

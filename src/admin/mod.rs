@@ -43,9 +43,9 @@ use self::api::{
     ApiError, Credentials, Health, LeaseFilter, LeaseList, LeaseView, RenewRequest, RevokeRequest,
     RevokeResponse,
 };
+use crate::config::Rules;
 use crate::config::{AdminSettings, UpstreamSettings};
 use crate::identity::SpiffeId;
-use crate::config::Rules;
 use crate::leases::{LeaseError, LeaseManager, SharedRules};
 use crate::ops::limits::RateLimiter;
 use crate::policy::IdPattern;

@@ -27,6 +27,7 @@ mod config;
 mod dev;
 mod engine_seam;
 mod exec;
+mod exec_tokens;
 mod federation;
 mod hardening;
 mod harness_smoke;

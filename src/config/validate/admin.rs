@@ -51,9 +51,14 @@ pub(super) fn admin(
             }
         }
         let tokens = !file.tokens.issuer.is_empty();
-        let tls = admin_tls(bundle?, clone_identity(server_identity)?, provider.clone(), tokens)
-            .map_err(|e| problems.add("admin", format!("cannot set up TLS for the admin API: {e}")))
-            .ok()?;
+        let tls = admin_tls(
+            bundle?,
+            clone_identity(server_identity)?,
+            provider.clone(),
+            tokens,
+        )
+        .map_err(|e| problems.add("admin", format!("cannot set up TLS for the admin API: {e}")))
+        .ok()?;
         Some(AdminSettings {
             listen: listen?,
             identities,
