@@ -293,4 +293,83 @@ mod tests {
             }
         );
     }
+
+    fn token(identity: &str, claims: serde_json::Value) -> crate::identity::token::VerifiedToken {
+        crate::identity::token::VerifiedToken {
+            issuer: "corp".into(),
+            identity: identity.into(),
+            claims: claims.as_object().unwrap().clone(),
+            expires_at: time::OffsetDateTime::now_utc(),
+            bind_to_expiry: true,
+            single_use_key: None,
+        }
+    }
+
+    #[test]
+    fn on_behalf_of_rules_need_the_agent_and_the_persons_claims() {
+        use crate::identity::{Actor, OnBehalf};
+        let agent = "spiffe://example.org/agent/sql";
+        let policy = Policy::new(vec![
+            PolicyRule {
+                matcher: Matcher::OnBehalf {
+                    actor: IdPattern::parse(agent).unwrap(),
+                    issuer: "corp".into(),
+                    claims: ClaimsPattern::parse(
+                        serde_json::json!({"groups": "finance"})
+                            .as_object()
+                            .unwrap(),
+                    )
+                    .unwrap(),
+                },
+                templates: vec!["finance_ro".into()],
+            },
+            PolicyRule {
+                matcher: IdPattern::parse(agent).unwrap().into(),
+                templates: vec!["agent_own".into()],
+            },
+        ]);
+        let alice = token(
+            "corp:alice",
+            serde_json::json!({"sub": "alice", "groups": ["finance"]}),
+        );
+        let on_behalf =
+            |actor: Actor, subject| Principal::OnBehalf(Box::new(OnBehalf { actor, subject }));
+        let svid = Principal::from(id(agent));
+        assert!(policy.wants_subject(&svid, "finance_ro"));
+        assert!(!policy.wants_subject(&svid, "agent_own"));
+        let acting = on_behalf(Actor::Svid(id(agent)), alice.clone());
+        assert_eq!(policy.decide(&acting, "finance_ro"), Decision::Allowed);
+        // Acting for someone, the agent does not use its own grants.
+        assert_ne!(policy.decide(&acting, "agent_own"), Decision::Allowed);
+        assert_eq!(acting.as_str(), agent);
+        assert_eq!(acting.subject(), Some("corp:alice"));
+        // The person's claims must match; the actor must be the rule's.
+        let bob = token(
+            "corp:bob",
+            serde_json::json!({"sub": "bob", "groups": ["sales"]}),
+        );
+        let wrong_person = on_behalf(Actor::Svid(id(agent)), bob);
+        assert_ne!(
+            policy.decide(&wrong_person, "finance_ro"),
+            Decision::Allowed
+        );
+        let other = on_behalf(
+            Actor::Act("spiffe://example.org/agent/other".into()),
+            alice.clone(),
+        );
+        assert_ne!(policy.decide(&other, "finance_ro"), Decision::Allowed);
+        // An RFC 8693 act claim makes the token's principal the actor.
+        let mut exchanged = alice.clone();
+        exchanged
+            .claims
+            .insert("act".into(), serde_json::json!({"sub": agent}));
+        let exchanged = Principal::from_token(exchanged);
+        assert_eq!(exchanged.as_str(), agent);
+        assert_eq!(policy.decide(&exchanged, "finance_ro"), Decision::Allowed);
+        // The person's token alone matches nothing here.
+        assert_ne!(
+            policy.decide(&Principal::from_token(alice), "finance_ro"),
+            Decision::Allowed
+        );
+    }
 }

@@ -123,7 +123,7 @@ async fn exec_with_a_token_runs_a_job_with_one_lease_revoked_at_exit() {
                 "--sslmode",
                 "verify-full",
                 "--sslrootcert",
-                path_str(&cluster_ca),
+                path_str(cluster_ca),
                 "--",
                 &psql,
                 "-X",
