@@ -234,3 +234,27 @@ async fn exec_with_a_token_runs_a_job_with_one_lease_revoked_at_exit() {
     assert_ne!(none.status.code(), Some(0));
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn without_token_issuers_the_admin_api_still_requires_a_client_certificate() {
+    let mut options = ProxyOptions::templates(&["xt_plain"]);
+    options.admin_listen = Some("127.0.0.1:0".into());
+    let proxy = TestProxy::start(options).await;
+    let url = format!("https://{}", proxy.admin_addr.unwrap());
+    let token = job_token(&Signer::es256("ci-1"));
+    let client = AdminClient::with_token(
+        &url,
+        BearerToken::new(token).unwrap(),
+        vec![proxy.files.server_ca.cert_der()],
+    )
+    .unwrap();
+    match client.creds("xt_plain").await {
+        Err(AdminClientError::Api { status, message }) => {
+            panic!("a cert-less client got an HTTP answer: {status} {message}")
+        }
+        Err(_) => {}
+        Ok(_) => panic!("a cert-less client got credentials"),
+    }
+    assert!(roles_with_prefix(&role_prefix("xt_plain")).await.is_empty());
+    proxy.shutdown().await;
+}
