@@ -128,10 +128,14 @@ impl Server {
                 None => None,
             };
         let audit = match &settings.audit_path {
-            Some(path) => AuditLog::open(path).map_err(|source| ServeError::Audit {
-                path: path.clone(),
-                source,
-            })?,
+            Some(path) => {
+                AuditLog::open(path, settings.audit_statement_queue).map_err(|source| {
+                    ServeError::Audit {
+                        path: path.clone(),
+                        source,
+                    }
+                })?
+            }
             None => AuditLog::log_only(),
         };
         let engines = Engines::start(&settings.engines)?;

@@ -106,7 +106,7 @@ fn emit(text: &str) -> anyhow::Result<()> {
 const TIMESTAMP: &[FormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
 
-fn format_time(at: OffsetDateTime) -> String {
+pub(super) fn format_time(at: OffsetDateTime) -> String {
     at.to_offset(UtcOffset::UTC)
         .format(TIMESTAMP)
         .unwrap_or_else(|_| at.to_string())
@@ -122,7 +122,7 @@ fn json_name<T: Serialize + std::fmt::Debug>(value: &T) -> String {
 
 /// Left-aligned columns separated by two spaces; the last column is not
 /// padded, so lines carry no trailing spaces.
-fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -149,7 +149,7 @@ fn format_table(headers: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// `key: value` lines with the values aligned.
-fn format_fields(fields: &[(&str, String)]) -> String {
+pub(super) fn format_fields(fields: &[(&str, String)]) -> String {
     let width = fields
         .iter()
         .map(|(key, _)| key.chars().count())

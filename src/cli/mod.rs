@@ -4,12 +4,14 @@
 //! * `args`: the admin API commands' arguments, and the client they describe;
 //! * `leases`: `ephemera leases|revoke|creds`, and how their answers are shown;
 //! * `exec`: `ephemera exec`;
-//! * `serve`: `ephemera serve|dev|check-config`.
+//! * `serve`: `ephemera serve|dev|check-config`;
+//! * `audit`: `ephemera whois|audit`, from the ledger and the audit log.
 //!
 //! This module is part of the binary only: its errors are `anyhow` errors,
 //! printed here as `ephemera: …`; the library has typed errors.
 
 mod args;
+mod audit;
 mod exec;
 mod leases;
 mod serve;
@@ -125,6 +127,45 @@ pub enum Command {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
+    /// Who a database role is or was for (identity, subject, template,
+    /// database, client address, lease times): from the ledger while the
+    /// role exists, from the audit log after it is gone.
+    Whois {
+        /// The role name, as PostgreSQL's log shows it (eph_…).
+        role: String,
+        /// The configuration: its upstream holds the ledger, its [audit]
+        /// path the audit log.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The audit log to search (default: the configuration's).
+        #[arg(long, value_name = "PATH")]
+        audit_log: Option<PathBuf>,
+        /// JSON instead of `key: value` lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print audit events of a lease or an identity (a table, or --json lines).
+    Audit {
+        /// The configuration whose [audit] path to read.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The audit log to read.
+        #[arg(long, value_name = "PATH")]
+        audit_log: Option<PathBuf>,
+        /// Only this lease's events (its whole story: issued, logins,
+        /// statements, renewals, revoked).
+        #[arg(long, value_name = "ID")]
+        lease: Option<String>,
+        /// Only this identity's events.
+        #[arg(long, value_name = "ID")]
+        identity: Option<String>,
+        /// Only events since this time (RFC 3339) or this long ago (90m, 2d).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// One JSON object a line, as in the log.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Command {
@@ -134,7 +175,13 @@ impl Command {
     pub fn handles_secrets(&self) -> bool {
         matches!(
             self,
-            Command::Serve { .. } | Command::Dev { .. } | Command::CheckConfig { .. }
+            Command::Serve { .. }
+                | Command::Dev { .. }
+                | Command::CheckConfig { .. }
+                | Command::Whois {
+                    config: Some(_),
+                    ..
+                }
         )
     }
 
@@ -178,6 +225,30 @@ pub fn run(command: Command) -> ExitCode {
             sslrootcert,
             command,
         } => exec::main(admin, template, sslmode, sslrootcert, command),
+        Command::Whois {
+            role,
+            config,
+            audit_log,
+            json,
+        } => run_client(audit::whois(role, config, audit_log, json)),
+        Command::Audit {
+            config,
+            audit_log,
+            lease,
+            identity,
+            since,
+            json,
+        } => report(
+            "ephemera",
+            audit::audit(audit::AuditArgs {
+                config,
+                audit_log,
+                lease,
+                identity,
+                since,
+                json,
+            }),
+        ),
     }
 }
 

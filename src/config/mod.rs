@@ -75,6 +75,37 @@ pub struct TemplateSettings {
     pub database: String,
     pub ttl: Duration,
     pub max_ttl: Duration,
+    /// Statement audit (`audit_statements`); `None`: off.
+    pub statement_audit: Option<StatementAuditSettings>,
+}
+
+/// How a template's sessions are audited statement by statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatementAuditSettings {
+    /// Statement text kept in an event, at most (longer: cut, with the
+    /// full length and SHA-256).
+    pub max_bytes: usize,
+    /// Record Bind parameters too.
+    pub parameters: bool,
+    pub overflow: AuditOverflow,
+}
+
+/// What a session does when the statement audit queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditOverflow {
+    /// The session waits until its events are queued (compliance).
+    Block,
+    /// The event is dropped, counted in a metric and in the next event.
+    Drop,
+}
+
+impl AuditOverflow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOverflow::Block => "block",
+            AuditOverflow::Drop => "drop",
+        }
+    }
 }
 
 /// Lease timing.
@@ -123,6 +154,8 @@ pub struct Settings {
     pub lease: LeaseSettings,
     pub admin: Option<AdminSettings>,
     pub audit_path: Option<PathBuf>,
+    /// `[audit] statement_queue`.
+    pub audit_statement_queue: usize,
     /// The file this was loaded from, to reload it.
     pub source: Option<PathBuf>,
 }

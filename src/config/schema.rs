@@ -85,12 +85,16 @@ pub struct AdminSection {
     pub identities: Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSection {
     /// JSON-lines audit log; unset: audit events go to the process log only.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// `statement` events waiting for the writer, at most; then each
+    /// template's `audit_overflow` decides.
+    #[serde(default = "defaults::statement_queue")]
+    pub statement_queue: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +162,15 @@ pub struct LeaseSection {
     pub issue_burst_per_identity: u32,
 }
 
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            path: None,
+            statement_queue: defaults::statement_queue(),
+        }
+    }
+}
+
 impl Default for LeaseSection {
     fn default() -> Self {
         LeaseSection {
@@ -183,11 +196,33 @@ pub struct TemplateSection {
     pub ttl: Duration,
     #[serde(default = "defaults::max_ttl", with = "humantime_serde")]
     pub max_ttl: Duration,
+    /// One `statement` audit event per statement the sessions run.
+    #[serde(default)]
+    pub audit_statements: bool,
+    /// Statements longer than this are cut in the event (with their full
+    /// length and SHA-256).
+    #[serde(default = "defaults::audit_statement_max_bytes")]
+    pub audit_statement_max_bytes: usize,
+    /// Also record the Bind parameters (they carry data: off by default).
+    #[serde(default)]
+    pub audit_parameters: bool,
+    /// `"block"` (the session waits for the audit queue) or `"drop"`.
+    #[serde(default = "defaults::audit_overflow")]
+    pub audit_overflow: String,
 }
 
 impl TemplateSection {
     /// The keys [`TemplateSection`] reads; the rest go to the engine.
-    pub const KEYS: [&'static str; 4] = ["engine", "database", "ttl", "max_ttl"];
+    pub const KEYS: [&'static str; 8] = [
+        "engine",
+        "database",
+        "ttl",
+        "max_ttl",
+        "audit_statements",
+        "audit_statement_max_bytes",
+        "audit_parameters",
+        "audit_overflow",
+    ];
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +260,18 @@ pub(crate) const TLS_RECORD_HEADER: usize = 5;
 
 mod defaults {
     use std::time::Duration;
+
+    pub fn audit_statement_max_bytes() -> usize {
+        4096
+    }
+
+    pub fn statement_queue() -> usize {
+        crate::ops::statement_log::DEFAULT_QUEUE
+    }
+
+    pub fn audit_overflow() -> String {
+        "block".into()
+    }
 
     pub fn engine() -> String {
         crate::engines::DEFAULT_ENGINE.into()

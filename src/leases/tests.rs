@@ -202,6 +202,7 @@ pub(super) fn rules() -> Rules {
             database: "db".into(),
             ttl: TTL,
             max_ttl: MAX_TTL,
+            statement_audit: None,
         },
     )]);
     let rule = PolicyRule {
@@ -239,6 +240,7 @@ fn settings() -> TemplateSettings {
         database: "db".into(),
         ttl: TTL,
         max_ttl: MAX_TTL,
+        statement_audit: None,
     }
 }
 

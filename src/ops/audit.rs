@@ -24,6 +24,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ephemera_engine::{Lease, LeaseId};
+
+use super::statement_log::{self, LineSender, StatementLog};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -49,6 +51,8 @@ pub enum AuditKind {
     ObjectDropped,
     /// A prepared transaction of the role was rolled back before the drop.
     PreparedTransactionRolledBack,
+    /// A statement a session ran and its outcome (`audit_statements`).
+    Statement,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,6 +86,9 @@ pub struct AuditEvent {
     /// were not recorded (over its event rate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
+    /// For `statement` events: the statement and its outcome.
+    #[serde(flatten)]
+    pub statement: Option<Box<statement_log::StatementRecord>>,
 }
 
 impl AuditEvent {
@@ -100,6 +107,7 @@ impl AuditEvent {
             reason: None,
             actor: None,
             suppressed: None,
+            statement: None,
         }
     }
 
@@ -149,6 +157,7 @@ impl AuditEvent {
             reason: Some(reason),
             actor: None,
             suppressed: None,
+            statement: None,
         }
     }
 
@@ -213,6 +222,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct AuditLog {
     file: Option<Writer>,
+    /// `statement` events: a queue and writer of their own.
+    statements: StatementLog,
 }
 
 /// The file's writer thread and the queue to it.
@@ -227,11 +238,16 @@ struct Writer {
 impl AuditLog {
     /// Events to the process log only.
     pub fn log_only() -> Self {
-        AuditLog { file: None }
+        AuditLog {
+            file: None,
+            statements: StatementLog::start(None, statement_log::DEFAULT_QUEUE)
+                .unwrap_or_else(|error| panic!("cannot start a thread: {error}")),
+        }
     }
 
-    /// Append to `path` (created with mode 0600 if missing).
-    pub fn open(path: &Path) -> std::io::Result<Self> {
+    /// Append to `path` (created with mode 0600 if missing); statement
+    /// events queue up to `statement_queue` at most.
+    pub fn open(path: &Path, statement_queue: usize) -> std::io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .create(true)
@@ -249,7 +265,13 @@ impl AuditLog {
                 queue: Some(queue),
                 thread: Some(thread),
             }),
+            statements: StatementLog::start(Some(path), statement_queue)?,
         })
+    }
+
+    /// The statement queue, for an audited session.
+    pub fn statement_queue(&self) -> Option<LineSender> {
+        self.statements.sender()
     }
 
     pub fn record(&self, event: AuditEvent) {
@@ -346,7 +368,7 @@ mod tests {
     fn an_event_reaches_the_file_without_waiting_for_shutdown() {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path).expect("open");
+        let log = AuditLog::open(&path, 16).expect("open");
         log.record(denied(0));
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -365,7 +387,7 @@ mod tests {
     fn events_recorded_just_before_the_log_is_dropped_are_written() {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path).expect("open");
+        let log = AuditLog::open(&path, 16).expect("open");
         for n in 0..1000 {
             log.record(denied(n));
         }

@@ -37,6 +37,8 @@ pub const BACKGROUND_TASK_FAILURES: &str = "ephemera_background_task_failures_to
 pub const REFUSAL_EVENTS_SUPPRESSED: &str = "ephemera_refusal_events_suppressed_total";
 pub const AUDIT_WRITE_FAILURES: &str = "ephemera_audit_write_failures_total";
 pub const AUDIT_EVENTS_DROPPED: &str = "ephemera_audit_events_dropped_total";
+pub const AUDIT_STATEMENTS: &str = "ephemera_audit_statements_total";
+pub const AUDIT_STATEMENTS_DROPPED: &str = "ephemera_audit_statements_dropped_total";
 pub const WORKER_CONNECTIONS: &str = "ephemera_worker_connections_total";
 
 const LATENCY_BUCKETS: &[f64] = &[

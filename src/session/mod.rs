@@ -12,6 +12,7 @@ pub mod quiet_socket;
 pub mod refusal;
 pub mod relay;
 pub mod services;
+pub mod statements;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use crate::session::protocol::{
 };
 use crate::session::refusal::Refusal;
 use crate::session::services::Services;
+use crate::session::statements::StatementWatch;
 
 /// Startup parameters Ephemera decides itself; everything else is passed on.
 const OWNED_PARAMETERS: [&str; 3] = ["user", "database", "replication"];
@@ -88,7 +90,8 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
     log_session(&lease, peer, "session started");
     services.leases.logged_in(lease.lease());
     let _active = ActiveSession::start();
-    let result = greet_and_relay(&services, stream, session.stream, hello).await;
+    let watch = statement_watch(&services, &request, lease.lease());
+    let result = greet_and_relay(&services, stream, session.stream, hello, watch).await;
     match result {
         Ok(relayed) => tracing::info!(
             lease_id = %lease.lease().id, role = %lease.lease().role,
@@ -113,19 +116,36 @@ async fn greet_and_relay(
     mut client: ClientStream,
     upstream: upstream::UpstreamStream,
     hello: BytesMut,
+    watch: Option<StatementWatch>,
 ) -> std::io::Result<crate::session::relay::Relayed> {
     use crate::session::handoff::Rebind;
+    use crate::session::relay::{relay, relay_watched};
     let relay = services.relay_threads.spawn(move |_| async move {
         client.rebind()?;
         let mut upstream = upstream.rebind()?;
         client.write_all(&hello).await?;
         client.flush().await?;
-        crate::session::relay::relay(&mut client, &mut upstream).await
+        match watch {
+            None => relay(&mut client, &mut upstream).await,
+            Some(mut watch) => relay_watched(&mut client, &mut upstream, &mut watch).await,
+        }
     });
     relay.await.unwrap_or_else(|join| {
         // Only if the relay panicked or its thread stopped (shutdown).
         Err(std::io::Error::other(join))
     })
+}
+
+/// The statement audit's watch, for templates with `audit_statements`.
+fn statement_watch(
+    services: &Services,
+    request: &Request,
+    lease: &ephemera_engine::Lease,
+) -> Option<StatementWatch> {
+    let settings = request.settings.statement_audit.as_ref()?;
+    let queue = services.leases.audit().statement_queue()?;
+    let base = AuditEvent::lease(crate::ops::audit::AuditKind::Statement, lease);
+    Some(StatementWatch::new(settings, base, queue))
 }
 
 /// The policy and the identity's issue rate: may this session have a

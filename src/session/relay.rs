@@ -25,6 +25,34 @@ pub struct Relayed {
     pub to_client: u64,
 }
 
+/// Something that sees the bytes as they pass (the statement audit,
+/// `session/statements/`). It never changes them; it may hold back the
+/// client's next read (a `block` template's full audit queue).
+pub trait Watch {
+    /// Bytes read from the client, about to be written upstream.
+    fn from_client(&mut self, bytes: &[u8]);
+    /// Bytes read from the server, about to be written to the client.
+    fn from_server(&mut self, bytes: &[u8]);
+    /// Ready when the client may be read from again; registers the task
+    /// for a wake-up otherwise.
+    fn poll_client_turn(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+/// Sessions without statement audit: nothing to see, nothing to wait for
+/// (inlined away: the unwatched relay does no framing at all).
+pub struct Unwatched;
+
+impl Watch for Unwatched {
+    #[inline(always)]
+    fn from_client(&mut self, _: &[u8]) {}
+    #[inline(always)]
+    fn from_server(&mut self, _: &[u8]) {}
+    #[inline(always)]
+    fn poll_client_turn(&mut self, _: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
+    }
+}
+
 /// Copy both ways until the upstream has closed (or either side fails).
 /// No message parsing on this path: the session is the client's and the
 /// server's.
@@ -32,6 +60,20 @@ pub async fn relay<C, U>(client: &mut C, upstream: &mut U) -> io::Result<Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    relay_watched(client, upstream, &mut Unwatched).await
+}
+
+/// [`relay`], with `watch` seeing every byte.
+pub async fn relay_watched<C, U, W>(
+    client: &mut C,
+    upstream: &mut U,
+    watch: &mut W,
+) -> io::Result<Relayed>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    W: Watch + ?Sized,
 {
     // 64 KiB buffers: bulk transfers (COPY) move ~8x fewer syscalls per MB
     // than tokio's 8 KiB default, for ~3 KiB more RSS per idle session
@@ -41,15 +83,20 @@ where
     let mut upstream_shut = false;
     poll_fn(|cx| {
         // Server to client first: its end is the session's end.
-        if let Poll::Ready(done) = down.poll_copy(cx, &mut *upstream, &mut *client) {
+        let server_side =
+            down.poll_copy(cx, &mut *upstream, &mut *client, |b| watch.from_server(b));
+        let client_turn = watch.poll_client_turn(cx).is_ready();
+        if let Poll::Ready(done) = server_side {
             done?;
             // The upstream closed and everything it sent was delivered:
             // close the client (TLS close_notify, then FIN).
             ready!(Pin::new(&mut *client).poll_shutdown(cx)).ok();
             return Poll::Ready(Ok::<(), io::Error>(()));
         }
-        if !upstream_shut {
-            if let Poll::Ready(done) = up.poll_copy(cx, &mut *client, &mut *upstream) {
+        if !upstream_shut && client_turn {
+            let client_side =
+                up.poll_copy(cx, &mut *client, &mut *upstream, |b| watch.from_client(b));
+            if let Poll::Ready(done) = client_side {
                 done?;
                 // The client closed: tell the server, keep passing on what
                 // it still sends until it closes.
@@ -97,6 +144,7 @@ impl Direction {
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
+        mut seen: impl FnMut(&[u8]),
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin + ?Sized,
@@ -111,6 +159,7 @@ impl Direction {
                         if n == 0 {
                             self.read_done = true;
                         } else {
+                            seen(buf.filled());
                             self.pos = 0;
                             self.filled = n;
                         }

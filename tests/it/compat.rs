@@ -473,8 +473,41 @@ fn script_args(a: &Endpoint, b: &Endpoint) -> String {
 
 // ----- psycopg 3 and node-postgres ------------------------------------------
 
-async fn script_client_matches(client: &str, template: &str, program: &str, script: &Path) {
-    let proxy = start_proxy(template, "").await;
+/// Issue 19: every scenario also runs on a template with statement audit,
+/// whose relay must be byte for byte the same.
+const AUDITED: &str = "audit_statements = true\naudit_parameters = true";
+
+/// Statement events the proxy recorded for `template`.
+fn statement_events(proxy: &TestProxy, template: &str) -> usize {
+    proxy
+        .files
+        .audit_events()
+        .iter()
+        .filter(|e| e["event"] == "statement" && e["template"] == template)
+        .count()
+}
+
+/// What `audit_statements` must have led to: events for an audited
+/// template, none for another.
+fn assert_statement_events(template_extra: &str, events: usize) {
+    if template_extra.contains("audit_statements = true") {
+        assert!(events > 0, "an audited template records its statements");
+    } else {
+        assert_eq!(
+            events, 0,
+            "a template without audit_statements records none"
+        );
+    }
+}
+
+async fn script_client_matches(
+    client: &str,
+    template: &str,
+    template_extra: &str,
+    program: &str,
+    script: &Path,
+) {
+    let proxy = start_proxy(template, template_extra).await;
     let ([pa, pb], [da, db]) = endpoints(&proxy, template).await;
     let script = script.to_str().expect("UTF-8 path");
     let program = PathBuf::from(program);
@@ -503,6 +536,7 @@ async fn script_client_matches(client: &str, template: &str, program: &str, scri
         "{client} ran as {identity}"
     );
     assert_roles_dropped(template).await;
+    assert_statement_events(template_extra, statement_events(&proxy, template));
     proxy.shutdown().await;
 }
 
@@ -514,6 +548,7 @@ async fn psycopg3_async_scenarios_match_the_direct_run() {
     script_client_matches(
         "psycopg async",
         "compat_async",
+        "",
         "python3",
         &clients_dir().join("python/async_scenarios.py"),
     )
@@ -526,6 +561,20 @@ async fn psycopg3_scenarios_match_the_direct_run() {
     script_client_matches(
         "psycopg",
         "compat_py",
+        "",
+        "python3",
+        &clients_dir().join("python/scenarios.py"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3_scenarios_match_on_an_audited_template() {
+    require_psycopg();
+    script_client_matches(
+        "psycopg (audited)",
+        "compat_py_audited",
+        AUDITED,
         "python3",
         &clients_dir().join("python/scenarios.py"),
     )
@@ -551,6 +600,7 @@ async fn node_postgres_scenarios_match_the_direct_run() {
     script_client_matches(
         "node-postgres",
         "compat_node",
+        "",
         "node",
         &node_dir.join("scenarios.js"),
     )
@@ -990,8 +1040,16 @@ async fn tokio_scenarios(a: &Endpoint, b: &Endpoint) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_postgres_scenarios_match_the_direct_run() {
-    let template = "compat_tokio";
-    let proxy = start_proxy(template, "").await;
+    tokio_postgres_matches("compat_tokio", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_scenarios_match_on_an_audited_template() {
+    tokio_postgres_matches("compat_tokio_audited", AUDITED).await;
+}
+
+async fn tokio_postgres_matches(template: &str, template_extra: &str) {
+    let proxy = start_proxy(template, template_extra).await;
     let ([pa, pb], [da, db]) = endpoints(&proxy, template).await;
     let (proxied, direct) = tokio::join!(tokio_scenarios(&pa, &pb), tokio_scenarios(&da, &db));
     show_document("tokio-postgres", &proxied);
@@ -1007,6 +1065,7 @@ async fn tokio_postgres_scenarios_match_the_direct_run() {
         "application_name reaches pg_stat_activity upstream"
     );
     assert_roles_dropped(template).await;
+    assert_statement_events(template_extra, statement_events(&proxy, template));
     proxy.shutdown().await;
 }
 
@@ -1107,8 +1166,16 @@ SELECT 'after notify';
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_scenarios_match_the_direct_run() {
-    let template = "compat_psql";
-    let proxy = start_proxy(template, "").await;
+    psql_matches("compat_psql", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_scenarios_match_on_an_audited_template() {
+    psql_matches("compat_psql_audited", AUDITED).await;
+}
+
+async fn psql_matches(template: &str, template_extra: &str) {
+    let proxy = start_proxy(template, template_extra).await;
     let ([pa, pb], [da, db]) = endpoints(&proxy, template).await;
     let psql = bin("psql");
     let envs = [
@@ -1146,6 +1213,7 @@ async fn psql_scenarios_match_the_direct_run() {
     );
     assert_same_text("psql", &direct, &proxied);
     assert_roles_dropped(template).await;
+    assert_statement_events(template_extra, statement_events(&proxy, template));
     proxy.shutdown().await;
 }
 

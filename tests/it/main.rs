@@ -40,6 +40,7 @@ mod proptest_protocol;
 mod refusals;
 mod review_attacks;
 mod rotation;
+mod statement_audit;
 mod static_engine;
 mod tokens;
 mod workers;

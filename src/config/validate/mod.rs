@@ -36,6 +36,12 @@ pub(crate) fn settings(
     let front = tls::front_door(&file, base, &provider, &mut problems);
     let (upstream_tls, admin_password) = upstream::upstream(&file, base, &mut problems);
     lease::lease(&file, &mut problems);
+    if !(1..=1_000_000).contains(&file.audit.statement_queue) {
+        problems.add(
+            "audit.statement_queue",
+            "must be between 1 and 1000000 events, e.g. 4096",
+        );
+    }
     let (templates, engine_templates) =
         templates::templates(&file.templates, &registry, &mut problems);
     let rules = policy::policy(&file, &mut problems);
@@ -103,6 +109,7 @@ pub(crate) fn settings(
                 },
                 admin,
                 audit_path: file.audit.path.as_ref().map(|p| base.join(p)),
+                audit_statement_queue: file.audit.statement_queue,
                 source: None,
             })
         }

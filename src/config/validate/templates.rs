@@ -8,7 +8,7 @@ use ephemera_engine::Template;
 
 use crate::config::problems::Problems;
 use crate::config::schema::TemplateSection;
-use crate::config::TemplateSettings;
+use crate::config::{AuditOverflow, StatementAuditSettings, TemplateSettings};
 use crate::engines::{EngineRegistry, EngineTemplates};
 
 /// Split each template's table between the proxy's keys and its engine's,
@@ -93,12 +93,14 @@ pub(super) fn templates(
                 }
             }
         }
+        let statement_audit = statement_audit(&t, &at, problems);
         settings.insert(
             name.clone(),
             TemplateSettings {
                 database: t.database,
                 ttl: t.ttl,
                 max_ttl: t.max_ttl,
+                statement_audit,
             },
         );
     }
@@ -108,4 +110,38 @@ pub(super) fn templates(
             templates: engine_templates,
         },
     )
+}
+
+/// Statements longer than this cannot be kept whole in an event (a line
+/// of the audit log): 1 MiB.
+const MAX_AUDIT_STATEMENT_BYTES: usize = 1 << 20;
+
+/// `audit_statements` and its companions; `None` when it is off.
+fn statement_audit(
+    t: &TemplateSection,
+    at: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) -> Option<StatementAuditSettings> {
+    let overflow = match t.audit_overflow.as_str() {
+        "block" => AuditOverflow::Block,
+        "drop" => AuditOverflow::Drop,
+        other => {
+            problems.add(
+                at("audit_overflow"),
+                format!("{other:?} is not an overflow rule; use \"block\" (sessions wait for the audit log) or \"drop\" (events are dropped and counted)"),
+            );
+            AuditOverflow::Block
+        }
+    };
+    if !(16..=MAX_AUDIT_STATEMENT_BYTES).contains(&t.audit_statement_max_bytes) {
+        problems.add(
+            at("audit_statement_max_bytes"),
+            format!("must be between 16 and {MAX_AUDIT_STATEMENT_BYTES}, e.g. 4096"),
+        );
+    }
+    t.audit_statements.then(|| StatementAuditSettings {
+        max_bytes: t.audit_statement_max_bytes,
+        parameters: t.audit_parameters,
+        overflow,
+    })
 }
