@@ -181,7 +181,6 @@ impl Server {
                 tls.clone(),
                 AdminState {
                     leases,
-                    rules: rules.clone(),
                     issue_limiter,
                     upstream: settings.upstream,
                     metrics,

@@ -46,7 +46,7 @@ use self::api::{
 use crate::config::Rules;
 use crate::config::{AdminSettings, UpstreamSettings};
 use crate::identity::SpiffeId;
-use crate::leases::{LeaseError, LeaseManager, SharedRules};
+use crate::leases::{LeaseError, LeaseManager};
 use crate::ops::limits::RateLimiter;
 use crate::policy::IdPattern;
 use crate::tls::SharedTls;
@@ -71,9 +71,6 @@ const MAX_REQUEST_BODY: usize = 2 * 1024 * 1024;
 /// What the handlers work with.
 pub struct AdminState {
     pub leases: Arc<LeaseManager>,
-    /// The policy and token issuers in force (bearer tokens are verified
-    /// as at the PostgreSQL door).
-    pub rules: SharedRules,
     /// Role creation per identity (`[lease] issue_rate_per_identity`),
     /// shared with the PostgreSQL port: `/v1/creds` counts against it.
     pub issue_limiter: Arc<RateLimiter>,
@@ -83,8 +80,10 @@ pub struct AdminState {
 }
 
 impl AdminState {
+    /// The policy and token issuers in force (bearer tokens are verified
+    /// as at the PostgreSQL door).
     fn rules(&self) -> Arc<Rules> {
-        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.leases.rules()
     }
 }
 

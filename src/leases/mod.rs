@@ -240,7 +240,8 @@ impl LeaseManager {
         &self.audit
     }
 
-    fn rules(&self) -> Arc<Rules> {
+    /// The templates, policy and token issuers in force.
+    pub(crate) fn rules(&self) -> Arc<Rules> {
         self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
