@@ -100,6 +100,19 @@ impl Reloader {
     }
 }
 
+/// The audit log of `[audit]`: its file, or the process log only.
+fn open_audit(settings: &Settings) -> Result<AuditLog, ServeError> {
+    match &settings.audit_path {
+        Some(path) => AuditLog::open(path, settings.audit_statement_queue).map_err(|source| {
+            ServeError::Audit {
+                path: path.clone(),
+                source,
+            }
+        }),
+        None => Ok(AuditLog::log_only()),
+    }
+}
+
 impl Server {
     /// Bind the listening socket and build the shared state. Nothing is
     /// accepted until [`Server::serve`].
@@ -127,17 +140,7 @@ impl Server {
                 })?),
                 None => None,
             };
-        let audit = match &settings.audit_path {
-            Some(path) => {
-                AuditLog::open(path, settings.audit_statement_queue).map_err(|source| {
-                    ServeError::Audit {
-                        path: path.clone(),
-                        source,
-                    }
-                })?
-            }
-            None => AuditLog::log_only(),
-        };
+        let audit = open_audit(&settings)?;
         let engines = Engines::start(&settings.engines)?;
         let engine: Arc<dyn Engine> = engines.clone();
         let rules: SharedRules = Arc::new(RwLock::new(Arc::new(settings.rules)));

@@ -27,6 +27,8 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 /// direct connections (a member of the same group).
 pub const DATABASE: &str = "bench";
 pub const TEMPLATE: &str = "bench";
+/// The same template with statement audit (issue 19).
+pub const TEMPLATE_AUDITED: &str = "bench_audited";
 pub const GROUP: &str = "bench_rw";
 pub const DIRECT_USER: &str = "bench_user";
 pub const ADMIN_USER: &str = "ephemera_admin";
@@ -265,6 +267,12 @@ impl Env {
     /// libpq conninfo through Ephemera with the app's SVID.
     pub fn ephemera_conninfo(&self) -> String {
         self.svid_conninfo(self.eph_port)
+    }
+
+    /// The audited template through the first Ephemera (TLS upstream).
+    pub fn ephemera_audited_conninfo(&self) -> String {
+        self.svid_conninfo(self.eph_port)
+            .replace(&format!("user={TEMPLATE} "), &format!("user={TEMPLATE_AUDITED} "))
     }
 
     /// The same through the second Ephemera (Unix-socket upstream).
@@ -757,9 +765,14 @@ path = "{audit}"
 database = "{DATABASE}"
 member_of = ["{GROUP}"]
 
+[templates.{TEMPLATE_AUDITED}]
+database = "{DATABASE}"
+member_of = ["{GROUP}"]
+audit_statements = true
+
 [[policy]]
 spiffe_id = "{app_id}"
-templates = ["{TEMPLATE}"]
+templates = ["{TEMPLATE}", "{TEMPLATE_AUDITED}"]
 "#,
         pool_size = std::env::var("EPHEMERA_BENCH_POOL_SIZE").unwrap_or_else(|_| "4".into()),
         // Session threads (default: one per core).

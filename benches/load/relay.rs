@@ -186,6 +186,12 @@ fn targets(env: &Env) -> Vec<Target> {
             relay: Relay::Ephemera,
         },
         Target {
+            label: "Ephemera, TLS upstream, statement audit",
+            conninfo: env.ephemera_audited_conninfo(),
+            password: None,
+            relay: Relay::Ephemera,
+        },
+        Target {
             label: "Ephemera, Unix upstream",
             conninfo: env.ephemera_unix_conninfo(),
             password: None,
@@ -385,6 +391,17 @@ fn record(
         } else {
             Some(tls <= 0.75 * bouncer)
         },
+    });
+    let audited = relay_us("Ephemera, TLS upstream, statement audit");
+    report.row(Row {
+        scenario: "R6. relay CPU per txn with statement audit, TLS upstream (pgbench -S -c 8)"
+            .into(),
+        direct: format!("without audit {tls:.1} µs"),
+        ephemera: format!("{audited:.1} µs"),
+        ratio: ratio(audited, tls),
+        other: format!("+{:.1} µs per statement", audited - tls),
+        target: "(informative: issue 19 asks for the cost to be measured)".into(),
+        met: None,
     });
     let d = tps("direct (TLS)");
     for (label, goal) in [

@@ -54,6 +54,10 @@ pub enum Outcome {
     NotRun,
     /// The session ended before the server answered.
     NoAnswer,
+    /// Recorded when prepared, not at its Executes: the session holds more
+    /// named statements than the audit keeps texts of (10 000); its
+    /// Executes name it.
+    Prepared,
 }
 
 /// COPY's direction, from the server's CopyIn/CopyOut/CopyBoth response.

@@ -96,11 +96,7 @@ impl StatementWatch {
                 AuditOverflow::Drop => self.try_queue(line),
             }
         }
-        if !self.lost_reported
-            && (self.tracker.overflowed()
-                || self.client_frames.is_lost()
-                || self.server_frames.is_lost())
-        {
+        if !self.lost_reported && (self.client_frames.is_lost() || self.server_frames.is_lost()) {
             self.lost_reported = true;
             tracing::warn!(
                 lease_id = ?self.base.lease_id,
@@ -163,6 +159,10 @@ impl Watch for StatementWatch {
         self.poll_flush(cx);
         if !self.outbox.is_empty() {
             // Wait for the writer: poll_reserve has registered the wake-up.
+            return Poll::Pending;
+        }
+        if self.tracker.in_flight() >= tracker::MAX_PENDING {
+            // Wait for the server's answers (the relay is woken by them).
             return Poll::Pending;
         }
         Poll::Ready(())

@@ -11,15 +11,16 @@ use super::record::{
     CopyDirection, InFlight, Outcome, Protocol, ServerError, StatementRecord, StatementText,
 };
 
-/// Named prepared statements (and portals) a session may keep; beyond
-/// this, new ones are recorded with an unknown text rather than growing
-/// the session's memory without bound.
+/// Named prepared statements (and portals) whose texts a session's audit
+/// keeps; beyond this, a new statement's text is recorded when it is
+/// prepared (outcome `prepared`) instead of at each Execute, so memory
+/// stays bounded and no text goes unrecorded.
 const MAX_NAMED: usize = 10_000;
 
-/// Messages waiting for the server's answer, at most; past it (a client
-/// pipelining without reading), statements are still relayed and the
-/// audit records that it lost track.
-const MAX_PENDING: usize = 100_000;
+/// Messages waiting for the server's answer, at most: past it (a client
+/// pipelining without reading), the relay stops reading the client until
+/// answers come, so matching never loses track.
+pub const MAX_PENDING: usize = 100_000;
 
 /// A client message that the server will answer.
 #[derive(Debug)]
@@ -48,12 +49,10 @@ pub struct Tracker {
     portals: HashMap<String, Portal>,
     /// Finished statements, for the audit log.
     pub done: VecDeque<StatementRecord>,
-    /// The queue overflowed once: matching is off for the session.
-    overflowed: bool,
 }
 
 fn unknown(what: &str, name: &str) -> Arc<StatementText> {
-    let text = format!("<{what} {name:?}: its text was not seen by the audit>");
+    let text = format!("<{what} {name:?}: its text is in its `prepared` event>");
     Arc::new(StatementText {
         bytes: 0,
         text,
@@ -62,22 +61,12 @@ fn unknown(what: &str, name: &str) -> Arc<StatementText> {
 }
 
 impl Tracker {
-    pub fn overflowed(&self) -> bool {
-        self.overflowed
+    /// Messages waiting for the server's answer.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
     }
 
     fn push(&mut self, pending: Pending) {
-        if self.overflowed {
-            return;
-        }
-        if self.pending.len() >= MAX_PENDING {
-            self.overflowed = true;
-            self.pending.clear();
-            tracing::warn!(
-                "statement audit: more than {MAX_PENDING} messages in flight; this session's later statements are not audited"
-            );
-            return;
-        }
         self.pending.push_back(pending);
     }
 
@@ -97,6 +86,9 @@ impl Tracker {
             || self.statements.contains_key(&name)
         {
             self.statements.insert(name, Arc::new(text));
+        } else {
+            let prepared = InFlight::new(Arc::new(text), Protocol::Extended, None);
+            self.done.push_back(prepared.record(Outcome::Prepared));
         }
         self.push(Pending::Parse);
     }
@@ -112,10 +104,13 @@ impl Tracker {
             .get(statement)
             .cloned()
             .unwrap_or_else(|| unknown("prepared statement", statement));
+        let parameters = parameters.map(Arc::new);
         if portal.is_empty() || self.portals.len() < MAX_NAMED || self.portals.contains_key(&portal)
         {
-            let parameters = parameters.map(Arc::new);
             self.portals.insert(portal, Portal { text, parameters });
+        } else {
+            let bound = InFlight::new(text, Protocol::Extended, parameters);
+            self.done.push_back(bound.record(Outcome::Prepared));
         }
         self.push(Pending::Bind);
     }
@@ -406,6 +401,21 @@ mod tests {
             assert_eq!(r.command_tag.as_deref(), Some("INSERT 0 1"));
             assert_eq!(r.parameters, Some(vec![Some("7".into()), None]));
         }
+    }
+
+    #[test]
+    fn past_the_named_statement_limit_a_text_is_recorded_when_prepared() {
+        let mut t = Tracker::default();
+        for n in 0..MAX_NAMED {
+            t.parse(format!("s{n}"), text("select 1"));
+        }
+        assert!(t.done.is_empty());
+        t.parse("hidden".into(), text("delete from audit_me"));
+        let r = t.done.pop_front().expect("recorded at once");
+        assert_eq!(
+            (r.statement.as_str(), r.outcome),
+            ("delete from audit_me", Outcome::Prepared)
+        );
     }
 
     #[test]
