@@ -79,6 +79,7 @@ fn lease_comment(c: &mut Criterion) {
         template: "billing_rw".into(),
         role: "eph_billing_rw_abcdefghijklmnopqr".into(),
         identity: "spiffe://example.org/ns/prod/sa/billing".into(),
+        subject: None,
         database: "billing".into(),
         client_addr: None,
         issued_at: now,

@@ -7,6 +7,13 @@
 //! and JWT-SVIDs alike. A token rule matches tokens of the `[[tokens.issuer]]`
 //! it names whose claims match (see [`ClaimsPattern`]). An identity may use
 //! the union of the templates of every rule it matches.
+//!
+//! A SPIFFE ID rule with `on_behalf_of = { token_issuer, claims }` is for
+//! agents acting for people: it matches only an agent whose SPIFFE ID
+//! matches (its X.509-SVID, or the `act.sub` of an RFC 8693 token) and that
+//! presented a person's token of that issuer whose claims match. Such a
+//! principal matches no other kind of rule: an agent does not inherit the
+//! person's own grants, nor uses its plain grants while acting for one.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -109,17 +116,53 @@ pub enum Matcher {
         issuer: String,
         claims: ClaimsPattern,
     },
+    /// `spiffe_id = "…"` with `on_behalf_of = { token_issuer, claims }`:
+    /// an agent acting for a person.
+    OnBehalf {
+        actor: IdPattern,
+        issuer: String,
+        claims: ClaimsPattern,
+    },
 }
 
 impl Matcher {
     pub fn matches(&self, principal: &Principal) -> bool {
-        match self {
-            Matcher::Spiffe(pattern) => {
+        match (self, principal) {
+            (Matcher::OnBehalf { .. }, Principal::OnBehalf(on_behalf)) => {
+                self.matches_actor(principal)
+                    && self.matches_subject(&on_behalf.subject.issuer, &on_behalf.subject.claims)
+            }
+            (Matcher::OnBehalf { .. }, _) | (_, Principal::OnBehalf(_)) => false,
+            (Matcher::Spiffe(pattern), _) => {
                 principal.spiffe_id().is_some_and(|id| pattern.matches(&id))
             }
-            Matcher::Token { issuer, claims } => principal
+            (Matcher::Token { issuer, claims }, _) => principal
                 .token()
                 .is_some_and(|t| t.issuer == *issuer && claims.matches(&t.claims)),
+        }
+    }
+
+    /// An `on_behalf_of` rule whose agent pattern matches `principal`'s
+    /// SPIFFE ID (whatever it acts for).
+    fn matches_actor(&self, principal: &Principal) -> bool {
+        match self {
+            Matcher::OnBehalf { actor, .. } => {
+                principal.spiffe_id().is_some_and(|id| actor.matches(&id))
+            }
+            _ => false,
+        }
+    }
+
+    fn matches_subject(
+        &self,
+        token_issuer: &str,
+        token_claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> bool {
+        match self {
+            Matcher::OnBehalf { issuer, claims, .. } => {
+                issuer == token_issuer && claims.matches(token_claims)
+            }
+            _ => false,
         }
     }
 }
@@ -163,6 +206,17 @@ impl Policy {
             .filter(|rule| rule.matcher.matches(id))
             .flat_map(|rule| rule.templates.iter().cloned())
             .collect()
+    }
+
+    /// Whether `id`, an X.509-SVID, must present the token of the person it
+    /// acts for to get `template`: no rule grants it outright, but an
+    /// `on_behalf_of` rule for its SPIFFE ID lists it.
+    pub fn wants_subject(&self, id: &Principal, template: &str) -> bool {
+        matches!(id, Principal::Svid(_))
+            && !self.templates_for(id).contains(template)
+            && self.rules.iter().any(|rule| {
+                rule.matcher.matches_actor(id) && rule.templates.iter().any(|t| t == template)
+            })
     }
 
     pub fn decide(&self, id: &Principal, template: &str) -> Decision {
@@ -237,6 +291,85 @@ mod tests {
             Decision::Denied {
                 allowed: ["app_ro".to_string()].into()
             }
+        );
+    }
+
+    fn token(identity: &str, claims: serde_json::Value) -> crate::identity::token::VerifiedToken {
+        crate::identity::token::VerifiedToken {
+            issuer: "corp".into(),
+            identity: identity.into(),
+            claims: claims.as_object().unwrap().clone(),
+            expires_at: time::OffsetDateTime::now_utc(),
+            bind_to_expiry: true,
+            single_use_key: None,
+        }
+    }
+
+    #[test]
+    fn on_behalf_of_rules_need_the_agent_and_the_persons_claims() {
+        use crate::identity::{Actor, OnBehalf};
+        let agent = "spiffe://example.org/agent/sql";
+        let policy = Policy::new(vec![
+            PolicyRule {
+                matcher: Matcher::OnBehalf {
+                    actor: IdPattern::parse(agent).unwrap(),
+                    issuer: "corp".into(),
+                    claims: ClaimsPattern::parse(
+                        serde_json::json!({"groups": "finance"})
+                            .as_object()
+                            .unwrap(),
+                    )
+                    .unwrap(),
+                },
+                templates: vec!["finance_ro".into()],
+            },
+            PolicyRule {
+                matcher: IdPattern::parse(agent).unwrap().into(),
+                templates: vec!["agent_own".into()],
+            },
+        ]);
+        let alice = token(
+            "corp:alice",
+            serde_json::json!({"sub": "alice", "groups": ["finance"]}),
+        );
+        let on_behalf =
+            |actor: Actor, subject| Principal::OnBehalf(Box::new(OnBehalf { actor, subject }));
+        let svid = Principal::from(id(agent));
+        assert!(policy.wants_subject(&svid, "finance_ro"));
+        assert!(!policy.wants_subject(&svid, "agent_own"));
+        let acting = on_behalf(Actor::Svid(id(agent)), alice.clone());
+        assert_eq!(policy.decide(&acting, "finance_ro"), Decision::Allowed);
+        // Acting for someone, the agent does not use its own grants.
+        assert_ne!(policy.decide(&acting, "agent_own"), Decision::Allowed);
+        assert_eq!(acting.as_str(), agent);
+        assert_eq!(acting.subject(), Some("corp:alice"));
+        // The person's claims must match; the actor must be the rule's.
+        let bob = token(
+            "corp:bob",
+            serde_json::json!({"sub": "bob", "groups": ["sales"]}),
+        );
+        let wrong_person = on_behalf(Actor::Svid(id(agent)), bob);
+        assert_ne!(
+            policy.decide(&wrong_person, "finance_ro"),
+            Decision::Allowed
+        );
+        let other = on_behalf(
+            Actor::Act("spiffe://example.org/agent/other".into()),
+            alice.clone(),
+        );
+        assert_ne!(policy.decide(&other, "finance_ro"), Decision::Allowed);
+        // An RFC 8693 act claim makes the token's principal the actor.
+        let mut exchanged = alice.clone();
+        exchanged
+            .claims
+            .insert("act".into(), serde_json::json!({"sub": agent}));
+        let exchanged = Principal::from_token(exchanged);
+        assert_eq!(exchanged.as_str(), agent);
+        assert_eq!(policy.decide(&exchanged, "finance_ro"), Decision::Allowed);
+        // The person's token alone matches nothing here.
+        assert_ne!(
+            policy.decide(&Principal::from_token(alice), "finance_ro"),
+            Decision::Allowed
         );
     }
 }

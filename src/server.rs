@@ -22,6 +22,7 @@ use crate::ops::audit::AuditLog;
 use crate::session::cancel::CancelMap;
 use crate::session::services::Services;
 use crate::session::{self, front_door};
+use crate::tls::server_config::AdminClients;
 use crate::tls::workload::{WorkloadTls, WorkloadTlsError, FIRST_UPDATE_TIMEOUT};
 use crate::tls::{SharedTls, TlsMaterial};
 use crate::workers::{WorkerLoad, Workers};
@@ -132,6 +133,7 @@ impl Reloader {
 async fn front_tls(
     front: FrontTls,
     admin: Option<&AdminSettings>,
+    admin_clients: AdminClients,
 ) -> Result<(SharedTls, Option<Arc<WorkloadTls>>), WorkloadTlsError> {
     match front {
         FrontTls::Files {
@@ -148,8 +150,12 @@ async fn front_tls(
             None,
         )),
         FrontTls::WorkloadApi { endpoint } => {
-            let workload =
-                WorkloadTls::start(&endpoint, admin.is_some(), FIRST_UPDATE_TIMEOUT).await?;
+            let workload = WorkloadTls::start(
+                &endpoint,
+                admin.map(|_| admin_clients),
+                FIRST_UPDATE_TIMEOUT,
+            )
+            .await?;
             Ok((workload.tls.clone(), Some(Arc::new(workload))))
         }
     }
@@ -198,6 +204,7 @@ impl Server {
         let audit = open_audit(&settings)?;
         let engines = Engines::start(&settings.engines)?;
         let engine: Arc<dyn Engine> = engines.clone();
+        let admin_clients = AdminClients::for_tokens(!settings.rules.tokens.is_empty());
         let rules: SharedRules = Arc::new(RwLock::new(Arc::new(settings.rules)));
         let leases = LeaseManager::new(
             engine,
@@ -210,7 +217,8 @@ impl Server {
             settings.lease.issue_rate_per_identity,
             settings.lease.issue_burst_per_identity,
         ));
-        let (tls, workload) = front_tls(settings.front_tls, settings.admin.as_ref()).await?;
+        let (tls, workload) =
+            front_tls(settings.front_tls, settings.admin.as_ref(), admin_clients).await?;
         let services = Arc::new(Services {
             handshake_timeout: settings.handshake_timeout,
             tls: tls.clone(),

@@ -2,18 +2,23 @@
 //!
 //! The TLS layer requires a client certificate chaining to the SPIFFE trust
 //! bundle; the X.509-SVID rules are then checked per connection, and each
-//! request is authorised by the caller's SPIFFE ID:
+//! request is authorised by the caller's SPIFFE ID. With `[[tokens.issuer]]`
+//! configured, a client may come without a certificate and send
+//! `Authorization: Bearer <token>` with every request instead ([`bearer`]);
+//! without either it gets 401.
 //!
-//! * `/healthz`: any verified SVID;
-//! * `/v1/creds/{template}`: any SVID the policy allows that template;
+//! * `/healthz`: any verified SVID or token;
+//! * `/v1/creds/{template}`: any SVID or token the policy allows that template;
 //! * renewing or revoking a standalone lease: admins, and the identity that
-//!   holds it (`ephemera exec` renews and gives back its own lease);
-//! * everything else: only identities matching `[admin] identities`; others
-//!   get 403 with a JSON error.
+//!   holds it (`ephemera exec` renews and gives back its own lease), by SVID
+//!   or token;
+//! * everything else: only identities matching `[admin] identities`, by
+//!   their SVID; others get 403 (401 for a token) with a JSON error.
 //!
 //! The JSON shapes are in [`api`]; the OpenAPI document is `docs/admin-api.yaml`.
 
 pub mod api;
+mod bearer;
 pub mod client;
 
 use std::net::SocketAddr;
@@ -23,7 +28,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -38,6 +43,7 @@ use self::api::{
     ApiError, Credentials, Health, LeaseFilter, LeaseList, LeaseView, RenewRequest, RevokeRequest,
     RevokeResponse,
 };
+use crate::config::Rules;
 use crate::config::{AdminSettings, UpstreamSettings};
 use crate::identity::SpiffeId;
 use crate::leases::{LeaseError, LeaseManager};
@@ -73,6 +79,14 @@ pub struct AdminState {
     pub metrics: PrometheusHandle,
 }
 
+impl AdminState {
+    /// The policy and token issuers in force (bearer tokens are verified
+    /// as at the PostgreSQL door).
+    fn rules(&self) -> Arc<Rules> {
+        self.leases.rules()
+    }
+}
+
 struct Shared {
     state: AdminState,
     admins: Vec<IdPattern>,
@@ -92,6 +106,9 @@ enum Caller {
     Verified(SpiffeId),
     /// The certificate chains to the bundle but is not a valid X.509-SVID.
     Invalid(String),
+    /// No client certificate (allowed only with token issuers configured):
+    /// each request needs a bearer token.
+    Anonymous,
 }
 
 pub struct AdminServer {
@@ -161,12 +178,13 @@ impl AdminServer {
                     Err(_) => return,
                 };
                 let caller = match stream.get_ref().1.peer_certificates() {
-                    Some(chain) => match material.svid_verifier.verify(chain, UnixTime::now()) {
+                    Some(chain) if !chain.is_empty() => match material.svid_verifier.verify(chain, UnixTime::now()) {
                         Ok(svid) => Caller::Verified(svid.id),
                         Err(e) => Caller::Invalid(e.to_string()),
                     },
-                    // Unreachable: the TLS layer requires a certificate.
-                    None => Caller::Invalid("no client certificate".into()),
+                    // The TLS layer lets this through only with token
+                    // issuers configured.
+                    _ => Caller::Anonymous,
                 };
                 let service = TowerToHyperService::new(router.layer(Extension(caller)));
                 if let Err(error) = hyper::server::conn::http1::Builder::new()
@@ -266,6 +284,11 @@ fn verified(caller: &Caller) -> Result<&SpiffeId, Failure> {
             StatusCode::FORBIDDEN,
             format!("the client certificate is not a valid X.509-SVID: {reason}"),
         )),
+        Caller::Anonymous => Err(bearer::unauthorized(
+            "this endpoint needs the client certificate (X.509-SVID) of an admin identity; \
+             a bearer token may only ask for credentials and renew or revoke its own lease"
+                .to_owned(),
+        )),
     }
 }
 
@@ -287,12 +310,21 @@ fn admin<'a>(shared: &Shared, caller: &'a Caller) -> Result<&'a SpiffeId, Failur
 /// Admins, or the identity holding standalone lease `id` (so a batch job can
 /// renew and give back its own credentials). Anyone else gets the same 403
 /// whether or not the lease exists.
-async fn admin_or_holder(shared: &Shared, caller: &Caller, id: LeaseId) -> Result<String, Failure> {
+async fn admin_or_holder(
+    shared: &Shared,
+    caller: &Caller,
+    headers: &HeaderMap,
+    id: LeaseId,
+) -> Result<String, Failure> {
     let refusal = match admin(shared, caller) {
         Ok(admin) => return Ok(admin.to_string()),
+        Err(_) if matches!(caller, Caller::Anonymous) => failure(
+            StatusCode::FORBIDDEN,
+            "a token may renew or revoke only its own standalone lease",
+        ),
         Err(refusal) => refusal,
     };
-    let caller = verified(caller)?;
+    let (caller, _) = bearer::principal(shared, caller, headers).await?;
     if !shared.holder_lookups.try_take(caller.as_str()) {
         return Err(failure(
             StatusCode::TOO_MANY_REQUESTS,
@@ -310,8 +342,12 @@ async fn admin_or_holder(shared: &Shared, caller: &Caller, id: LeaseId) -> Resul
     }
 }
 
-async fn health(Extension(caller): Extension<Caller>) -> Result<Json<Health>, Failure> {
-    verified(&caller)?;
+async fn health(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+) -> Result<Json<Health>, Failure> {
+    bearer::principal(&shared, &caller, &headers).await?;
     Ok(Json(Health {
         status: "ok".into(),
     }))
@@ -361,11 +397,12 @@ async fn show_lease(
 async fn renew_lease(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     id: Result<Path<LeaseId>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaseView>, Failure> {
     let id = lease_id(id)?;
-    let actor = admin_or_holder(&shared, &caller, id).await?;
+    let actor = admin_or_holder(&shared, &caller, &headers, id).await?;
     let body = request_body(body)?;
     let request: RenewRequest = if body.is_empty() {
         RenewRequest::default()
@@ -385,10 +422,11 @@ async fn renew_lease(
 async fn revoke_lease(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     id: Result<Path<LeaseId>, PathRejection>,
 ) -> Result<Json<LeaseView>, Failure> {
     let id = lease_id(id)?;
-    let actor = admin_or_holder(&shared, &caller, id).await?;
+    let actor = admin_or_holder(&shared, &caller, &headers, id).await?;
     Ok(Json(shared.state.leases.revoke(id, &actor).await?))
 }
 
@@ -417,9 +455,10 @@ async fn revoke_matching(
 async fn creds(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     Path(template): Path<String>,
 ) -> Result<Json<Credentials>, Failure> {
-    let identity = verified(&caller)?.clone();
+    let (identity, bound) = bearer::principal(&shared, &caller, &headers).await?;
     let limiter = &shared.state.issue_limiter;
     if !limiter.try_take(identity.as_str()) {
         return Err(failure(
@@ -432,15 +471,18 @@ async fn creds(
             ),
         ));
     }
+    if identity.token().is_some() {
+        let rules = shared.state.rules();
+        if rules.templates.contains_key(&template)
+            && rules.policy.decide(&identity, &template) == crate::policy::Decision::Allowed
+        {
+            bearer::claim_single_use(&shared, &identity, &template).await?;
+        }
+    }
     let (lease, password) = shared
         .state
         .leases
-        .issue_standalone(
-            &crate::identity::Principal::Svid(identity),
-            &template,
-            None,
-            None,
-        )
+        .issue_standalone(&identity, &template, None, bound)
         .await?;
     Ok(Json(Credentials {
         lease_id: lease.id,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use ephemera::admin::api::RevokeRequest;
 use ephemera::admin::client::AdminClient;
+use ephemera::identity::token::BearerToken;
 use ephemera_engine::{LeaseId, LeaseState};
 
 /// How to reach and authenticate to the admin API. Every field is `global`,
@@ -34,6 +35,16 @@ pub struct AdminArgs {
     /// The CA certificate(s) that issued the admin API's server certificate, PEM. Required.
     #[arg(long, value_name = "PATH", env = "EPHEMERA_CA", global = true)]
     pub ca: Option<PathBuf>,
+
+    /// Authenticate with the identity token in this file (sent as
+    /// `Authorization: Bearer`) instead of --cert/--key: `exec` and `creds`.
+    #[arg(long, value_name = "FILE", global = true, conflicts_with = "token_env")]
+    pub token_file: Option<PathBuf>,
+
+    /// Like --token-file, with the token in this environment variable
+    /// (e.g. ACTIONS_ID_TOKEN).
+    #[arg(long, value_name = "VAR", global = true)]
+    pub token_env: Option<String>,
 
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
@@ -132,6 +143,14 @@ impl AdminArgs {
     /// The client these arguments describe, or an error naming every
     /// missing option.
     pub(crate) fn client(&self) -> anyhow::Result<AdminClient> {
+        if let Some(token) = self.token()? {
+            let Some(ca) = &self.ca else {
+                anyhow::bail!(
+                    "missing --ca PATH (or EPHEMERA_CA): the CA of the admin API's certificate"
+                );
+            };
+            return Ok(AdminClient::with_token_and_ca_file(&self.admin, token, ca)?);
+        }
         let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) else {
             anyhow::bail!(
                 "the admin API needs mutual TLS; missing:\n  {}",
@@ -141,11 +160,31 @@ impl AdminArgs {
         Ok(AdminClient::from_files(&self.admin, cert, key, ca)?)
     }
 
+    /// The token of `--token-file` or `--token-env`, if one is given. Errors
+    /// name the file or variable, never the token.
+    fn token(&self) -> anyhow::Result<Option<BearerToken>> {
+        let text = match (&self.token_file, &self.token_env) {
+            (Some(path), _) => std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read the token file {}: {e}", path.display())
+            })?,
+            (None, Some(var)) => std::env::var(var).map_err(|e| {
+                anyhow::anyhow!("cannot read the token from environment variable {var}: {e}")
+            })?,
+            (None, None) => return Ok(None),
+        };
+        if text.trim().is_empty() {
+            anyhow::bail!("the token given with --token-file/--token-env is empty");
+        }
+        Ok(Some(
+            BearerToken::new(text).map_err(|e| anyhow::anyhow!("{e}"))?,
+        ))
+    }
+
     /// Which of `--cert`, `--key`, `--ca` are missing, with what they are.
     fn missing_files(&self) -> Vec<&'static str> {
         let mut missing = Vec::new();
         if self.cert.is_none() {
-            missing.push("--cert PATH (or EPHEMERA_CERT): your X.509-SVID");
+            missing.push("--cert PATH (or EPHEMERA_CERT): your X.509-SVID (or --token-file/--token-env: an identity token)");
         }
         if self.key.is_none() {
             missing.push("--key PATH (or EPHEMERA_KEY): its private key");
@@ -252,6 +291,8 @@ mod tests {
     #[test]
     fn missing_files_are_all_named() {
         let args = AdminArgs {
+            token_file: None,
+            token_env: None,
             admin: "https://127.0.0.1:8443".into(),
             cert: Some("svid.pem".into()),
             key: None,

@@ -187,10 +187,11 @@ fn format_lease_table(leases: &[LeaseView]) -> String {
     )
 }
 
-/// `leases show|renew|revoke`: every field, named as in the JSON.
+/// `leases show|renew|revoke`: every field, named as in the JSON (`subject`
+/// only for an agent acting for a person).
 fn format_lease_details(lease: &LeaseView) -> String {
     let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_owned());
-    format_fields(&[
+    let mut fields = vec![
         ("id", lease.id.to_string()),
         ("state", json_name(&lease.state)),
         ("kind", json_name(&lease.kind)),
@@ -205,7 +206,11 @@ fn format_lease_details(lease: &LeaseView) -> String {
         ("max_expires_at", format_time(lease.max_expires_at)),
         ("ended_at", or_dash(lease.ended_at.map(format_time))),
         ("end_reason", or_dash(lease.end_reason.clone())),
-    ])
+    ];
+    if let Some(subject) = &lease.subject {
+        fields.insert(7, ("subject", subject.clone()));
+    }
+    format_fields(&fields)
 }
 
 fn format_revoked(response: &RevokeResponse) -> String {
@@ -293,6 +298,7 @@ mod tests {
             template: "billing_rw".into(),
             role: role.into(),
             identity: identity.into(),
+            subject: None,
             database: "billing".into(),
             client_addr: Some("10.1.2.3:51000".into()),
             issued_at: datetime!(2025-01-02 03:04:05.123 UTC),

@@ -254,7 +254,19 @@ pub struct PolicySection {
     pub token_issuer: Option<String>,
     #[serde(default)]
     pub claims: Option<serde_json::Map<String, serde_json::Value>>,
+    /// With `spiffe_id`: the rule is for that agent acting for a person,
+    /// whose token (of this issuer, matching these claims) it presents.
+    #[serde(default)]
+    pub on_behalf_of: Option<OnBehalfOfSection>,
     pub templates: Vec<String>,
+}
+
+/// `on_behalf_of = { token_issuer = "corp", claims = { groups = "finance" } }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnBehalfOfSection {
+    pub token_issuer: String,
+    pub claims: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 mod defaults {

@@ -2,6 +2,7 @@
 
 use super::options::{DevOptions, DEMO_DATABASE};
 use super::pki::{JOB, TRUST_DOMAIN};
+use super::tokens::{DEV_AUDIENCE, DEV_ISSUER, DEV_SUBJECT};
 use super::upstream::Upstream;
 
 /// `config.toml` for the proxy in front of `upstream`.
@@ -64,6 +65,19 @@ templates = ["app_rw"]
 [[policy]]
 spiffe_id = "{job}"
 templates = ["nightly"]
+
+# The dev issuer: `ephemera dev` writes its JWKS at every start and prints a
+# token for it (PGPASSWORD=<token> psql …, no client certificate).
+[[tokens.issuer]]
+name = "dev"
+issuer = "{DEV_ISSUER}"
+audience = "{DEV_AUDIENCE}"
+jwks_file = "tokens/jwks.json"
+
+[[policy]]
+token_issuer = "dev"
+claims = {{ sub = "{DEV_SUBJECT}" }}
+templates = ["app_rw"]
 "#,
         listen = options.listen,
         admin_listen = options.admin_listen,

@@ -1,8 +1,9 @@
 //! `ephemera dev`: everything needed to try Ephemera on one machine.
 //!
 //! A throwaway PostgreSQL cluster (or an existing one, `--upstream`), a
-//! development CA with SVIDs for three demo identities, a configuration with
-//! templates and policy for them, and the ready-to-paste commands to try.
+//! development CA with SVIDs for three demo identities, a dev token issuer
+//! (`tokens.rs`), a configuration with templates and policy for them, and
+//! the ready-to-paste commands to try.
 //! A second run on the same directory reuses the CA, secrets and cluster.
 
 pub mod cluster;
@@ -10,6 +11,7 @@ mod config;
 mod options;
 pub mod pki;
 mod setup;
+pub mod tokens;
 mod upstream;
 
 use std::fmt::Write as _;
@@ -31,6 +33,8 @@ pub struct DevEnvironment {
     pub certs: DevCerts,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// The dev issuer's JWKS and its ready token (redacted in `Debug`).
+    pub issuer: tokens::DevIssuer,
     /// `host:port` of the upstream, and what it is.
     pub upstream: String,
     cluster: Option<Running>,
@@ -72,6 +76,20 @@ impl DevEnvironment {
             ca.display(),
             web_cert.display(),
             web_key.display()
+        );
+        let _ = writeln!(
+            text,
+            "\nConnect with the dev token instead of a certificate (identity dev:{}, good for {} min):",
+            tokens::DEV_SUBJECT,
+            tokens::TOKEN_LIFETIME.whole_minutes()
+        );
+        let _ = writeln!(
+            text,
+            "  PGPASSWORD={} psql \"host={} port={} dbname={DEMO_DATABASE} user=app_rw sslmode=verify-full sslrootcert={}\" -c 'select current_user, message from {DEMO_TABLE}'",
+            self.issuer.token.expose(),
+            self.listen.ip(),
+            self.listen.port(),
+            ca.display()
         );
         let _ = writeln!(
             text,
@@ -183,6 +201,18 @@ pub async fn prepare(
         Some(url) => Upstream::existing(url, &secrets, &ca_pem, progress).await?,
     };
 
+    progress(&format!(
+        "dev token issuer: a new key, its JWKS in {}",
+        dir.join("tokens").display()
+    ));
+    let issuer = match tokens::ensure(&dir.join("tokens")) {
+        Ok(issuer) => issuer,
+        Err(e) => {
+            upstream.stop();
+            return Err(e);
+        }
+    };
+
     let config_path = dir.join("config.toml");
     progress(&format!("writing {}", config_path.display()));
     let config = config::config_toml(options, &upstream);
@@ -200,6 +230,7 @@ pub async fn prepare(
         certs,
         listen: options.listen,
         admin_listen: options.admin_listen,
+        issuer,
         upstream: upstream.description,
         cluster: upstream.running,
     })

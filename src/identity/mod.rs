@@ -23,7 +23,7 @@ mod tls_layer;
 pub mod token;
 pub mod workload_api;
 
-pub use self::principal::Principal;
+pub use self::principal::{Actor, OnBehalf, Principal};
 pub(crate) use self::spiffe_id::parse_spiffe_uri;
 pub use self::spiffe_id::{SpiffeId, SpiffeIdError, MAX_SPIFFE_ID_LEN};
 pub use self::svid::{IdentityError, SvidVerifier, TrustBundleError, VerifiedSvid};

@@ -224,6 +224,7 @@ mod tests {
                 template: "t".into(),
                 role: "eph_t_x".into(),
                 identity: APP.into(),
+                subject: None,
                 database: "db".into(),
                 client_addr: None,
                 issued_at: t0(),

@@ -240,7 +240,8 @@ impl LeaseManager {
         &self.audit
     }
 
-    fn rules(&self) -> Arc<Rules> {
+    /// The templates, policy and token issuers in force.
+    pub(crate) fn rules(&self) -> Arc<Rules> {
         self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -281,6 +282,7 @@ impl LeaseManager {
             lease_id: uuid::Uuid::new_v4(),
             kind,
             identity: identity.to_string(),
+            subject: identity.subject().map(str::to_owned),
             template: template.to_owned(),
             client_addr,
             ttl: settings.ttl,

@@ -24,6 +24,9 @@ pub struct LeaseView {
     pub template: String,
     pub role: String,
     pub identity: String,
+    /// The person an agent acts for (`on_behalf_of`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     pub database: String,
     pub client_addr: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
@@ -182,6 +185,7 @@ pub(super) fn view(lease: &Lease, state: LeaseState, ended: Option<&Ended>) -> L
         template: lease.template.clone(),
         role: lease.role.clone(),
         identity: lease.identity.clone(),
+        subject: lease.subject.clone(),
         database: lease.database.clone(),
         client_addr: lease.client_addr.map(|a| a.to_string()),
         issued_at: lease.issued_at,
@@ -206,6 +210,7 @@ mod tests {
             template: template.into(),
             role: "eph_x".into(),
             identity: identity.into(),
+            subject: None,
             database: "db".into(),
             client_addr: None,
             issued_at: at,

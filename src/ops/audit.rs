@@ -64,6 +64,10 @@ pub struct AuditEvent {
     pub lease_id: Option<LeaseId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The person an agent acts for (`on_behalf_of`); `identity` is the
+    /// agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -106,6 +110,7 @@ impl AuditEvent {
             event,
             lease_id: Some(lease.id),
             identity: Some(lease.identity.clone()),
+            subject: lease.subject.clone(),
             template: Some(lease.template.clone()),
             role: Some(lease.role.clone()),
             database: Some(lease.database.clone()),
@@ -157,6 +162,7 @@ impl AuditEvent {
             event,
             lease_id: None,
             identity,
+            subject: None,
             template,
             role: None,
             database: None,

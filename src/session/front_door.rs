@@ -21,7 +21,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::config::ALPN_POSTGRESQL;
 use crate::identity::token::{BearerToken, TokenError, MAX_TOKEN_BYTES};
-use crate::identity::{IdentityError, Principal};
+use crate::identity::{Actor, IdentityError, OnBehalf, Principal};
 use crate::leases::Bound;
 use crate::ops::audit::AuditEvent;
 use crate::session::handoff::MovableTcp;
@@ -115,7 +115,8 @@ pub async fn admit(services: &Services, mut tcp: TcpStream, peer: SocketAddr) ->
         }
     };
 
-    let verified = identify(services, &mut tls).await;
+    let template = startup.parameters.get("user").map(String::as_str);
+    let verified = identify(services, &mut tls, template).await;
     match verified {
         Ok((principal, bound)) => Some(Admitted {
             stream: tls,
@@ -138,31 +139,49 @@ pub async fn admit(services: &Services, mut tcp: TcpStream, peer: SocketAddr) ->
 }
 
 /// Who the client is: its X.509-SVID, or (no certificate, token issuers
-/// configured) the token it sends as the password.
+/// configured) the token it sends as the password. An SVID that may use
+/// `template` only on behalf of a person must also send that person's token.
 async fn identify(
     services: &Services,
     tls: &mut ClientStream,
+    template: Option<&str>,
 ) -> Result<(Principal, Option<Bound>), Refusal> {
     let has_cert = !matches!(tls.get_ref().1.peer_certificates(), None | Some([]));
     let tokens = services.rules().tokens.clone();
-    if has_cert || tokens.is_empty() {
-        match tls.get_ref().1.peer_certificates() {
-            None | Some([]) => Err(Refusal::Identity(IdentityError::NoCertificate)),
-            Some(chain) => services
-                .tls()
-                .svid_verifier
-                .verify(chain, UnixTime::now())
-                .map(|svid| (Principal::Svid(svid.id), Some(Bound::Svid(svid.not_after))))
-                .map_err(Refusal::Identity),
-        }
-    } else {
-        token(tls, &tokens).await.map(|token| {
+    if !has_cert && !tokens.is_empty() {
+        return token(tls, &tokens).await.map(|token| {
             let bound = token
                 .bind_to_expiry
                 .then_some(Bound::Token(token.expires_at));
-            (Principal::Token(Box::new(token)), bound)
-        })
+            (Principal::from_token(token), bound)
+        });
     }
+    let svid = match tls.get_ref().1.peer_certificates() {
+        None | Some([]) => return Err(Refusal::Identity(IdentityError::NoCertificate)),
+        Some(chain) => services
+            .tls()
+            .svid_verifier
+            .verify(chain, UnixTime::now())
+            .map_err(Refusal::Identity)?,
+    };
+    let direct = Principal::Svid(svid.id.clone());
+    let acts_for_someone = !tokens.is_empty()
+        && template.is_some_and(|t| services.rules().policy.wants_subject(&direct, t));
+    if !acts_for_someone {
+        return Ok((direct, Some(Bound::Svid(svid.not_after))));
+    }
+    // An agent: the person's token comes as the password.
+    let subject = token(tls, &tokens).await?;
+    let bound = if subject.bind_to_expiry {
+        Bound::Token(subject.expires_at.min(svid.not_after))
+    } else {
+        Bound::Svid(svid.not_after)
+    };
+    let on_behalf = OnBehalf {
+        actor: Actor::Svid(svid.id),
+        subject,
+    };
+    Ok((Principal::OnBehalf(Box::new(on_behalf)), Some(bound)))
 }
 
 /// Ask for the password (we are inside TLS) and verify it as a token.

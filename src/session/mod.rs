@@ -289,7 +289,8 @@ impl Drop for ActiveSession {
 fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {
     let lease = lease.lease();
     tracing::info!(
-        lease_id = %lease.id, identity = %lease.identity, template = %lease.template,
+        lease_id = %lease.id, identity = %lease.identity,
+        subject = lease.subject.as_deref().unwrap_or("-"), template = %lease.template,
         role = %lease.role, database = %lease.database, client_addr = %peer, "{what}"
     );
 }

@@ -40,24 +40,50 @@ pub fn front_door_config(
     Ok(Arc::new(config))
 }
 
-/// The admin API's TLS: client certificates are required and must chain to
-/// one of `bundle`'s CAs before any HTTP is spoken.
+/// Who may open a TLS connection to the admin API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminClients {
+    /// A client certificate chaining to the bundle, always.
+    CertificateRequired,
+    /// With token issuers configured, a client may come without one
+    /// (`ephemera exec --token-file`); every request of such a connection
+    /// then needs a verified `Authorization: Bearer` token (`admin::bearer`),
+    /// and admin-only endpoints stay closed to it.
+    CertificateOrBearer,
+}
+
+impl AdminClients {
+    pub fn for_tokens(tokens_configured: bool) -> Self {
+        if tokens_configured {
+            AdminClients::CertificateOrBearer
+        } else {
+            AdminClients::CertificateRequired
+        }
+    }
+}
+
+/// The admin API's TLS: a client certificate, when there is one, must chain
+/// to one of `bundle`'s CAs before any HTTP is spoken.
 pub fn admin_config(
     bundle: &[CertificateDer<'static>],
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    clients: AdminClients,
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in bundle {
         roots.add(cert.clone()).map_err(|e| e.to_string())?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
-    )
-    .build()
-    .map_err(|e| e.to_string())?;
+    );
+    let builder = match clients {
+        AdminClients::CertificateRequired => builder,
+        AdminClients::CertificateOrBearer => builder.allow_unauthenticated(),
+    };
+    let verifier = builder.build().map_err(|e| e.to_string())?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

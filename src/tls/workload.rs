@@ -10,7 +10,7 @@ use std::time::Duration;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 
-use super::server_config::{admin_config, front_door_config};
+use super::server_config::{admin_config, front_door_config, AdminClients};
 use super::{SharedTls, TlsMaterial};
 use crate::identity::workload_api::{EndpointError, SvidUnavailable, WorkloadApi, X509Material};
 use crate::identity::{SvidVerifier, TrustBundleError};
@@ -77,10 +77,11 @@ pub fn verifier(
     Ok(verifier)
 }
 
-/// The listeners' TLS for one update (the admin API's too if `admin`).
+/// The listeners' TLS for one update (the admin API's too if `admin` says
+/// who its clients are).
 pub fn material(
     x509: &X509Material,
-    admin: bool,
+    admin: Option<AdminClients>,
     provider: &Arc<CryptoProvider>,
 ) -> Result<TlsMaterial, WorkloadTlsError> {
     let svid_verifier = Arc::new(verifier(x509, provider)?);
@@ -96,13 +97,14 @@ pub fn material(
         provider.clone(),
     )
     .map_err(|e| cert_error(e.to_string()))?;
-    let admin_acceptor = if admin {
+    let admin_acceptor = if let Some(clients) = admin {
         let every_ca: Vec<CertificateDer<'static>> =
             x509.bundles.values().flatten().cloned().collect();
         let config = admin_config(
             &every_ca,
             svid.chain.clone(),
             svid.key.clone_key(),
+            clients,
             provider.clone(),
         )
         .map_err(cert_error)?;
@@ -136,7 +138,7 @@ impl WorkloadTls {
     /// build the first material, and follow every update after it.
     pub async fn start(
         endpoint: &str,
-        admin: bool,
+        admin: Option<AdminClients>,
         timeout: Duration,
     ) -> Result<WorkloadTls, WorkloadTlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -162,7 +164,7 @@ impl WorkloadTls {
 async fn follow(
     api: Arc<WorkloadApi>,
     tls: SharedTls,
-    admin: bool,
+    admin: Option<AdminClients>,
     provider: Arc<CryptoProvider>,
     mut generation: u64,
 ) {

@@ -144,3 +144,47 @@ admin_password_file = "password"
     assert!(find("tls.federation.example.org").contains("also in tls.trust_domains"));
     assert!(find("tls.federation.Not A Domain").contains("not a trust domain name"));
 }
+
+#[test]
+fn on_behalf_of_is_checked_with_its_key_paths() {
+    let errors = refused(
+        r#"
+[listen]
+address = "127.0.0.1:5432"
+[tls]
+cert = "missing.pem"
+key = "missing-key.pem"
+trust_bundle = "missing-ca.pem"
+trust_domains = ["example.org"]
+[upstream]
+host = "127.0.0.1"
+port = 5432
+admin_user = "ephemera_admin"
+admin_password_file = "missing-password"
+[templates.finance_ro]
+database = "finance"
+[[policy]]
+spiffe_id = "spiffe://example.org/agent/a"
+on_behalf_of = { token_issuer = "nobody" }
+templates = ["finance_ro"]
+[[tokens.issuer]]
+name = "corp"
+issuer = "https://corp.example"
+audience = "ephemera"
+jwks_file = "missing-jwks.json"
+[[policy]]
+token_issuer = "corp"
+claims = { sub = "x" }
+on_behalf_of = { token_issuer = "corp", claims = { sub = "y" } }
+templates = ["finance_ro"]
+"#,
+    );
+    let keys: Vec<&str> = errors.problems.iter().map(|p| p.key.as_str()).collect();
+    for key in [
+        "policy[0].on_behalf_of.token_issuer",
+        "policy[0].on_behalf_of.claims",
+        "policy[1].on_behalf_of",
+    ] {
+        assert!(keys.contains(&key), "{key} not reported: {errors}");
+    }
+}

@@ -34,6 +34,7 @@ async fn start_dev(dir: &Path, listen: &str, admin: &str) -> (Child, Vec<String>
             .expect("read stdout")
             .expect("ephemera dev exited before it was ready");
         if line.starts_with("  psql ")
+            || line.starts_with("  PGPASSWORD=")
             || line.contains(" leases list ")
             || line.contains(" exec ")
             || line.contains(" connect --to ")
@@ -81,11 +82,14 @@ async fn dev_runs_pasted_lines_and_stops_cleanly() {
     let (mut dev, commands) = start_dev(dir.path(), &listen, &admin).await;
     assert_eq!(
         commands.len(),
-        5,
-        "psql, leases list, exec, connect and credential-less psql lines: {commands:?}"
+        6,
+        "psql, token psql, leases list, exec, connect and credential-less psql lines: {commands:?}"
     );
-    let (psql_line, list_line, exec_line) = (&commands[0], &commands[1], &commands[2]);
-    let (connect_line, bare_psql_line) = (&commands[3], &commands[4]);
+    let (psql_line, token_line, list_line, exec_line) =
+        (&commands[0], &commands[1], &commands[2], &commands[3]);
+    let (connect_line, bare_psql_line) = (&commands[4], &commands[5]);
+    assert!(token_line.starts_with("PGPASSWORD="), "{token_line}");
+    assert!(!token_line.contains("sslcert"), "{token_line}");
 
     // 1. The psql line, pasted as is.
     let out = sh(psql_line).await;
@@ -94,6 +98,23 @@ async fn dev_runs_pasted_lines_and_stops_cleanly() {
         text(&out).contains("eph_app_rw_") && text(&out).contains("hello from Ephemera"),
         "{}",
         text(&out)
+    );
+
+    // 1b. The dev token's line, pasted as is: no client certificate, the
+    // token as the password; it lands as the dev issuer's identity.
+    let out = sh(token_line).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("eph_app_rw_") && text(&out).contains("hello from Ephemera"),
+        "{}",
+        text(&out)
+    );
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap_or_default();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"lease_issued\"") && l.contains("\"dev:developer\"")),
+        "{audit}"
     );
 
     // 2. A live session's lease shows in the printed leases line.

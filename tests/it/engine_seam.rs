@@ -128,6 +128,7 @@ impl Engine for PreCreated {
             template: template.name,
             role: spec.role,
             identity: request.identity,
+            subject: request.subject,
             database: template.database,
             client_addr: request.client_addr,
             issued_at,

@@ -28,12 +28,12 @@ const FETCHED_ISS: &str = "https://fetched.example";
 const ONCE_ISS: &str = "https://once.example";
 const SPIFFE_AUD: &str = "spiffe://example.org/ephemera";
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// A signing key of ours, and its public JWK.
-struct Signer {
+pub(crate) struct Signer {
     kid: String,
     alg: Algorithm,
     key: EncodingKey,
@@ -41,7 +41,7 @@ struct Signer {
 }
 
 impl Signer {
-    fn es256(kid: &str) -> Signer {
+    pub(crate) fn es256(kid: &str) -> Signer {
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let raw = pair.public_key_raw();
         Signer {
@@ -64,18 +64,18 @@ impl Signer {
         }
     }
 
-    fn sign(&self, claims: &Value) -> String {
+    pub(crate) fn sign(&self, claims: &Value) -> String {
         let mut header = Header::new(self.alg);
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.key).unwrap()
     }
 }
 
-fn jwks(signers: &[&Signer]) -> String {
+pub(crate) fn jwks(signers: &[&Signer]) -> String {
     json!({"keys": signers.iter().map(|s| s.jwk.clone()).collect::<Vec<_>>()}).to_string()
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
@@ -206,7 +206,7 @@ async fn token_proxy(template: &str, extra: &str) -> TestProxy {
 }
 
 /// Connect without a client certificate, with `token` as the password.
-async fn connect(
+pub(crate) async fn connect(
     proxy: &TestProxy,
     template: &str,
     token: &str,
@@ -219,7 +219,7 @@ async fn connect(
     Ok(client)
 }
 
-async fn session_user(client: &tokio_postgres::Client) -> String {
+pub(crate) async fn session_user(client: &tokio_postgres::Client) -> String {
     client
         .query_one("SELECT session_user::text", &[])
         .await

@@ -256,7 +256,7 @@ async fn serve_without_a_reachable_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let endpoint = format!("unix://{}/agent.sock", dir.path().display());
     let error =
-        ephemera::tls::workload::WorkloadTls::start(&endpoint, false, Duration::from_secs(1))
+        ephemera::tls::workload::WorkloadTls::start(&endpoint, None, Duration::from_secs(1))
             .await
             .err()
             .expect("no agent: no TLS material");

@@ -16,6 +16,8 @@ pub struct IssueRequest {
     pub kind: LeaseKind,
     /// The verified SPIFFE ID of the workload.
     pub identity: String,
+    /// The person an agent acts for (`on_behalf_of`), if any.
+    pub subject: Option<String>,
     /// The template name, as configured (`[templates.<name>]`).
     pub template: String,
     /// Where the workload connected from, for the audit trail.

@@ -49,8 +49,12 @@ pub struct Lease {
     pub template: String,
     /// The database role (or other principal) the credential logs in as.
     pub role: String,
-    /// The SPIFFE ID the lease was issued to.
+    /// The SPIFFE ID (or token identity) the lease was issued to: for an
+    /// agent acting for a person, the agent (the actor).
     pub identity: String,
+    /// The person an agent acts for (`on_behalf_of`): the identity of the
+    /// token it presented, e.g. `corp:alice`. `None` for everyone else.
+    pub subject: Option<String>,
     pub database: String,
     pub client_addr: Option<SocketAddr>,
     pub issued_at: OffsetDateTime,
@@ -73,6 +77,7 @@ impl Lease {
             lease_id: self.id,
             kind: self.kind,
             identity: self.identity.clone(),
+            subject: self.subject.clone(),
             template: self.template.clone(),
             database: self.database.clone(),
             client_addr: None,
@@ -91,6 +96,7 @@ impl Lease {
             template: comment.template,
             role,
             identity: comment.identity,
+            subject: comment.subject,
             database: comment.database,
             client_addr: comment.client_addr,
             issued_at: comment.issued_at,
@@ -108,6 +114,10 @@ pub struct LeaseComment {
     pub lease_id: LeaseId,
     pub kind: LeaseKind,
     pub identity: String,
+    /// The person an agent acts for; absent in comments of other leases
+    /// and of versions before issue 15.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     pub template: String,
     pub database: String,
     /// Written by versions before the review (issue 12); read, never
@@ -158,6 +168,7 @@ mod tests {
             template: "billing_rw".into(),
             role: "eph_billing_rw_abc".into(),
             identity: "spiffe://example.org/ns/prod/sa/billing".into(),
+            subject: Some("corp:alice".into()),
             database: "billing".into(),
             client_addr: None,
             issued_at,
@@ -184,6 +195,7 @@ mod tests {
             template: "t".into(),
             role: "eph_t_x".into(),
             identity: "spiffe://example.org/a".into(),
+            subject: None,
             database: "db".into(),
             client_addr: Some("192.0.2.7:5432".parse().unwrap()),
             issued_at,
@@ -192,6 +204,7 @@ mod tests {
         };
         let json = lease.comment().to_json();
         assert!(!json.contains("192.0.2.7"), "{json}");
+        assert!(!json.contains("subject"), "{json}");
         let old = json.replace('}', ",\"client_addr\":\"192.0.2.7:5432\"}");
         assert!(LeaseComment::from_json(&old).is_ok(), "{old}");
     }

@@ -202,6 +202,7 @@ impl StaticEngine {
             template: template.name.clone(),
             role: template.role.clone(),
             identity: request.identity,
+            subject: request.subject,
             database: template.database.clone(),
             client_addr: request.client_addr,
             issued_at,

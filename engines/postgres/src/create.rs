@@ -106,6 +106,7 @@ mod tests {
             template: "billing_rw".into(),
             role: "eph_billing_rw_x".into(),
             identity: "spiffe://example.org/it's".into(),
+            subject: None,
             database: "billing".into(),
             client_addr: None,
             issued_at: now,

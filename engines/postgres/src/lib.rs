@@ -196,6 +196,7 @@ impl Engine for PostgresEngine {
             template: template.name.clone(),
             role: role_name,
             identity: request.identity,
+            subject: request.subject,
             database: template.database.clone(),
             client_addr: request.client_addr,
             issued_at,

@@ -119,6 +119,7 @@ async fn create_probe(
         template: PROBE_TEMPLATE.into(),
         role: role.to_owned(),
         identity: "check-config --connect".into(),
+        subject: None,
         // Where the reaper revokes it (a role is the cluster's, not a database's).
         database: admin_database.to_owned(),
         client_addr: None,

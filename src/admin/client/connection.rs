@@ -14,6 +14,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::error::{error_chain, AdminClientError};
+use crate::identity::token::BearerToken;
 
 /// The largest answer body read (the `/metrics` text is the biggest answer;
 /// a lease list of tens of thousands of leases stays far below this).
@@ -85,6 +86,7 @@ pub(super) async fn exchange(
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
+    bearer: Option<&BearerToken>,
 ) -> Result<(StatusCode, Bytes), AdminClientError> {
     let stream = connect(endpoint, tls).await?;
     let addr = &endpoint.authority;
@@ -101,7 +103,7 @@ pub(super) async fn exchange(
         .map_err(|e| http_error(&e))?;
     let connection = tokio::spawn(connection);
 
-    let request = request(addr, method, path, body).map_err(|e| http_error(&e))?;
+    let request = request(addr, method, path, body, bearer).map_err(|e| http_error(&e))?;
     let response = sender
         .send_request(request)
         .await
@@ -147,6 +149,7 @@ fn request(
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
+    bearer: Option<&BearerToken>,
 ) -> Result<Request<Full<Bytes>>, hyper::http::Error> {
     let mut request = Request::builder()
         .method(method)
@@ -159,6 +162,11 @@ fn request(
         );
     if body.is_some() {
         request = request.header(header::CONTENT_TYPE, "application/json");
+    }
+    if let Some(token) = bearer {
+        let mut value = hyper::header::HeaderValue::try_from(format!("Bearer {}", token.expose()))?;
+        value.set_sensitive(true);
+        request = request.header(header::AUTHORIZATION, value);
     }
     request.body(Full::new(Bytes::from(body.unwrap_or_default())))
 }

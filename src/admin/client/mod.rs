@@ -61,6 +61,7 @@ use crate::admin::api::{
     Credentials, Health, LeaseFilter, LeaseList, LeaseView, RenewRequest, RevokeRequest,
     RevokeResponse,
 };
+use crate::identity::token::BearerToken;
 use ephemera_engine::{LeaseId, LeaseState};
 
 /// How long one request (connect, handshake, request and answer) may take
@@ -75,6 +76,8 @@ pub struct AdminClient {
     endpoint: Endpoint,
     tls: TlsConnector,
     timeout: Duration,
+    /// Sent as `Authorization: Bearer` instead of a client certificate.
+    bearer: Option<BearerToken>,
 }
 
 impl fmt::Debug for AdminClient {
@@ -107,7 +110,41 @@ impl AdminClient {
             endpoint,
             tls,
             timeout: DEFAULT_TIMEOUT,
+            bearer: None,
         })
+    }
+
+    /// A client that authenticates with an identity token (`Authorization:
+    /// Bearer`) instead of a client certificate; the admin API accepts it
+    /// for `/v1/creds` and for renewing or revoking the caller's own
+    /// standalone lease.
+    pub fn with_token(
+        url: &str,
+        token: BearerToken,
+        server_ca: Vec<CertificateDer<'static>>,
+    ) -> Result<AdminClient, AdminClientError> {
+        let endpoint = Endpoint::parse(url)?;
+        let tls = tls::connector_without_cert(server_ca)?;
+        Ok(AdminClient {
+            endpoint,
+            tls,
+            timeout: DEFAULT_TIMEOUT,
+            bearer: Some(token),
+        })
+    }
+
+    /// Like [`AdminClient::with_token`], reading the server's CA from `ca_path`.
+    pub fn with_token_and_ca_file(
+        url: &str,
+        token: BearerToken,
+        ca_path: &Path,
+    ) -> Result<AdminClient, AdminClientError> {
+        Endpoint::parse(url)?;
+        let server_ca = read_certificates(ca_path).map_err(|reason| AdminClientError::ReadCa {
+            path: ca_path.to_owned(),
+            reason,
+        })?;
+        AdminClient::with_token(url, token, server_ca)
     }
 
     /// Like [`AdminClient::new`], reading PEM files: `cert_path` the SVID
@@ -237,7 +274,14 @@ impl AdminClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, AdminClientError> {
-        let exchange = connection::exchange(&self.endpoint, &self.tls, method, path, body);
+        let exchange = connection::exchange(
+            &self.endpoint,
+            &self.tls,
+            method,
+            path,
+            body,
+            self.bearer.as_ref(),
+        );
         let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| AdminClientError::Timeout {

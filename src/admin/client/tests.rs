@@ -110,6 +110,7 @@ fn sample_lease() -> LeaseView {
         template: "billing_rw".into(),
         role: "eph_billing_rw_a1b2c3".into(),
         identity: "spiffe://example.org/ns/prod/sa/api".into(),
+        subject: None,
         database: "billing".into(),
         client_addr: Some("127.0.0.1:51000".into()),
         issued_at: datetime!(2025-01-02 03:04:05 UTC),

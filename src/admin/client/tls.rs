@@ -19,6 +19,21 @@ pub(super) fn connector(
     key: PrivateKeyDer<'static>,
     server_ca: Vec<CertificateDer<'static>>,
 ) -> Result<TlsConnector, AdminClientError> {
+    configured(Some((cert_chain, key)), server_ca)
+}
+
+/// A connector without a client certificate (the caller sends a bearer
+/// token with each request instead).
+pub(super) fn connector_without_cert(
+    server_ca: Vec<CertificateDer<'static>>,
+) -> Result<TlsConnector, AdminClientError> {
+    configured(None, server_ca)
+}
+
+fn configured(
+    client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    server_ca: Vec<CertificateDer<'static>>,
+) -> Result<TlsConnector, AdminClientError> {
     let mut roots = rustls::RootCertStore::empty();
     let (_added, ignored) = roots.add_parsable_certificates(server_ca);
     if roots.is_empty() {
@@ -27,26 +42,33 @@ pub(super) fn connector(
              --ca must hold the CA certificate(s) that issued the admin API's certificate"
         )));
     }
-    if cert_chain.is_empty() {
+    if client_auth
+        .as_ref()
+        .is_some_and(|(chain, _)| chain.is_empty())
+    {
         return Err(AdminClientError::TlsConfig(
             "the client certificate chain is empty; --cert must hold your X.509-SVID".into(),
         ));
     }
 
     // The ring provider explicitly: never depend on a process-wide default.
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| AdminClientError::TlsConfig(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(cert_chain, key)
-    .map_err(|e| {
-        AdminClientError::TlsConfig(format!(
-            "the client certificate and key are not usable together ({e}); \
-             check that --key is the private key of --cert"
-        ))
-    })?;
+    .with_root_certificates(roots);
+    let mut config = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some((cert_chain, key)) => builder
+            .with_client_auth_cert(cert_chain, key)
+            .map_err(|e| {
+                AdminClientError::TlsConfig(format!(
+                    "the client certificate and key are not usable together ({e}); \
+                 check that --key is the private key of --cert"
+                ))
+            })?,
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsConnector::from(Arc::new(config)))
 }

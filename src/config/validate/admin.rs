@@ -11,7 +11,7 @@ use crate::config::problems::Problems;
 use crate::config::schema::FileConfig;
 use crate::config::AdminSettings;
 use crate::policy::IdPattern;
-use crate::tls::server_config::admin_config;
+use crate::tls::server_config::{admin_config, AdminClients};
 
 pub(super) fn admin(
     file: &FileConfig,
@@ -54,11 +54,12 @@ pub(super) fn admin(
         }
         // With the Workload API, the admin API's TLS is built from each
         // update, like the listener's.
+        let clients = AdminClients::for_tokens(!file.tokens.issuer.is_empty());
         let tls = if from_workload_api {
             None
         } else {
             let (chain, key) = clone_identity(server_identity)?;
-            let tls = admin_config(bundle?, chain, key, provider.clone())
+            let tls = admin_config(bundle?, chain, key, clients, provider.clone())
                 .map_err(|e| {
                     problems.add("admin", format!("cannot set up TLS for the admin API: {e}"))
                 })

@@ -1,7 +1,7 @@
 //! `[[policy]]`: which SPIFFE IDs, or which tokens, may use which templates.
 
 use crate::config::problems::Problems;
-use crate::config::schema::{FileConfig, PolicySection};
+use crate::config::schema::{FileConfig, OnBehalfOfSection, PolicySection};
 use crate::identity::token::ClaimsPattern;
 use crate::policy::{IdPattern, Matcher, PolicyRule};
 
@@ -43,7 +43,10 @@ fn matcher(
                 );
             }
             match IdPattern::parse(spiffe_id) {
-                Ok(pattern) => Some(Matcher::Spiffe(pattern)),
+                Ok(pattern) => match &rule.on_behalf_of {
+                    None => Some(Matcher::Spiffe(pattern)),
+                    Some(on_behalf_of) => on_behalf(file, pattern, on_behalf_of, key, problems),
+                },
                 Err(e) => {
                     problems.add(
                         format!("{key}.spiffe_id"),
@@ -54,6 +57,12 @@ fn matcher(
             }
         }
         (None, Some(issuer)) => {
+            if rule.on_behalf_of.is_some() {
+                problems.add(
+                    format!("{key}.on_behalf_of"),
+                    "on_behalf_of goes with spiffe_id (the agent), not token_issuer",
+                );
+            }
             if !file.tokens.issuer.iter().any(|i| i.name == *issuer) {
                 problems.add(
                     format!("{key}.token_issuer"),
@@ -90,6 +99,41 @@ fn matcher(
                 format!("{key}.spiffe_id"),
                 "give spiffe_id (a SPIFFE ID pattern) or token_issuer with claims",
             );
+            None
+        }
+    }
+}
+
+/// `on_behalf_of` on a `spiffe_id` rule: the person's issuer and claims.
+fn on_behalf(
+    file: &FileConfig,
+    actor: IdPattern,
+    section: &OnBehalfOfSection,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<Matcher> {
+    let issuer = &section.token_issuer;
+    if !file.tokens.issuer.iter().any(|i| i.name == *issuer) {
+        problems.add(
+            format!("{key}.on_behalf_of.token_issuer"),
+            format!("no [[tokens.issuer]] is named {issuer:?}"),
+        );
+    }
+    let Some(table) = &section.claims else {
+        problems.add(
+            format!("{key}.on_behalf_of.claims"),
+            "name the claims the person's token must have (any person of the issuer would do otherwise), e.g. claims = { groups = \"finance\" }",
+        );
+        return None;
+    };
+    match ClaimsPattern::parse(table) {
+        Ok(claims) => Some(Matcher::OnBehalf {
+            actor,
+            issuer: issuer.clone(),
+            claims,
+        }),
+        Err(e) => {
+            problems.add(format!("{key}.on_behalf_of.claims"), e.to_string());
             None
         }
     }
