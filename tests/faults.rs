@@ -148,13 +148,13 @@ async fn the_upstream_going_away_and_back() {
             .contains(&format!("127.0.0.1:{}", db.port)),
         "{refused:?}"
     );
-    let audit = proxy.files.audit_events();
-    assert!(
-        audit.iter().any(|e| e["event"] == "issue_failed"
-            && e["identity"] == BILLING_ID
-            && e["template"] == template),
-        "the failed mint is audited: {audit:?}"
-    );
+    let failed_mint = |events: &[serde_json::Value]| {
+        events.iter().any(|e| {
+            e["event"] == "issue_failed" && e["identity"] == BILLING_ID && e["template"] == template
+        })
+    };
+    let audit = proxy.files.audit_events_when(failed_mint).await;
+    assert!(failed_mint(&audit), "the failed mint is audited: {audit:?}");
 
     db.start().await;
     let back = Instant::now();

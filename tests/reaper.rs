@@ -78,10 +78,11 @@ async fn the_reaper_drops_expired_roles_left_by_a_dead_process() {
         wait_until_no_roles(&prefix, Duration::from_secs(40)).await,
         "the blocked role is dropped once it can be"
     );
-    assert!(proxy
-        .files
-        .audit_events()
-        .iter()
-        .any(|e| e["event"] == "reaped" && e["role"] == blocked.as_str()));
+    let reaped = |events: &[serde_json::Value]| {
+        events
+            .iter()
+            .any(|e| e["event"] == "reaped" && e["role"] == blocked.as_str())
+    };
+    assert!(reaped(&proxy.files.audit_events_when(reaped).await));
     proxy.shutdown().await;
 }

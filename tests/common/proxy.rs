@@ -151,6 +151,23 @@ impl ProxyFiles {
             .collect()
     }
 
+    /// The audit log's events once `done` holds for them, or as they are
+    /// after 10 s. The audit writer runs off the session's thread, so an
+    /// event lands a little after what caused it: poll, never read once.
+    pub async fn audit_events_when(
+        &self,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let events = self.audit_events();
+            if done(&events) || tokio::time::Instant::now() >= deadline {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Write `cert` to disk; returns (cert, key) paths.
     pub fn write_cert(&self, cert: &TestCert) -> (PathBuf, PathBuf) {
         let name = format!(

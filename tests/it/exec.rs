@@ -67,11 +67,19 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Audit events of `kind` for `template` whose actor is the job's identity.
-fn events_by_job(proxy: &TestProxy, kind: &str, template: &str) -> usize {
+/// Audit events of `kind` for `template` whose actor is the job's identity,
+/// once the lease's ending (revoked or expired) has reached the audit log:
+/// the writer is off-thread, and the ending is the last event of a lease.
+async fn events_by_job(proxy: &TestProxy, kind: &str, template: &str) -> usize {
+    let ended = |events: &[serde_json::Value]| {
+        events.iter().any(|e| {
+            (e["event"] == "revoked" || e["event"] == "expired") && e["template"] == template
+        })
+    };
     proxy
         .files
-        .audit_events()
+        .audit_events_when(ended)
+        .await
         .iter()
         .filter(|e| e["event"] == kind && e["template"] == template && e["actor"] == BILLING_ID)
         .count()
@@ -101,7 +109,7 @@ async fn psql_runs_as_a_minted_role_which_is_revoked_afterwards() {
         "{user} is dropped after the command exits"
     );
     // Revoked by exec as the job itself, not left to expire.
-    assert_eq!(events_by_job(&proxy, "revoked", template), 1);
+    assert_eq!(events_by_job(&proxy, "revoked", template).await, 1);
     proxy.shutdown().await;
 }
 
@@ -117,7 +125,7 @@ async fn the_commands_exit_code_is_passed_on_and_the_lease_revoked() {
     let output = run(exec(&proxy, template, &["sh", "-c", &script])).await;
     assert_eq!(output.status.code(), Some(7), "{}", text(&output.stderr));
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await);
-    assert_eq!(events_by_job(&proxy, "revoked", template), 1);
+    assert_eq!(events_by_job(&proxy, "revoked", template).await, 1);
     proxy.shutdown().await;
 }
 
@@ -144,7 +152,7 @@ async fn sigterm_is_forwarded_and_the_lease_revoked_after_the_child_exits() {
     // The child died of SIGTERM: 128 + 15.
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await);
-    assert_eq!(events_by_job(&proxy, "revoked", template), 1);
+    assert_eq!(events_by_job(&proxy, "revoked", template).await, 1);
     proxy.shutdown().await;
 }
 
@@ -164,12 +172,12 @@ async fn the_lease_is_renewed_past_its_ttl_while_the_command_runs() {
     assert!(!stderr.contains("renewing"), "no renewal failed:\n{stderr}");
     // The job renewed its own lease (at least twice in 4 s with a 2 s TTL).
     assert!(
-        events_by_job(&proxy, "renewed", template) >= 2,
+        events_by_job(&proxy, "renewed", template).await >= 2,
         "{:?}",
         proxy.files.audit_events()
     );
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await);
-    assert_eq!(events_by_job(&proxy, "revoked", template), 1);
+    assert_eq!(events_by_job(&proxy, "revoked", template).await, 1);
     proxy.shutdown().await;
 }
 
@@ -216,7 +224,7 @@ async fn a_command_that_cannot_start_exits_127_and_a_refusal_never_runs_it() {
         "{stderr}"
     );
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await);
-    assert_eq!(events_by_job(&proxy, "revoked", template), 1);
+    assert_eq!(events_by_job(&proxy, "revoked", template).await, 1);
 
     // A template the identity may not use: no credentials, the command never runs.
     let dir = tempfile::tempdir().expect("a temp dir");
@@ -261,8 +269,8 @@ async fn renewal_stops_at_max_ttl_and_the_lease_is_left_to_expire() {
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(5)).await);
     // Renewed up to max_ttl (at 1.3 s and 2.7 s), then left alone; it
     // ended by itself.
-    let renewed = events_by_job(&proxy, "renewed", template);
+    let renewed = events_by_job(&proxy, "renewed", template).await;
     assert!((1..=3).contains(&renewed), "renewed {renewed} times");
-    assert_eq!(events_by_job(&proxy, "revoked", template), 0);
+    assert_eq!(events_by_job(&proxy, "revoked", template).await, 0);
     proxy.shutdown().await;
 }

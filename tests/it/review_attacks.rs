@@ -38,9 +38,16 @@ fn errors(messages: &[(u8, Vec<u8>)]) -> Vec<String> {
 }
 
 async fn events(proxy: &TestProxy, event: &str, role: &str) -> Vec<serde_json::Value> {
+    // The role's `revoked` is its last event; the writer is off-thread.
+    let revoked = |events: &[serde_json::Value]| {
+        events
+            .iter()
+            .any(|e| e["event"] == "revoked" && e["role"] == role)
+    };
     proxy
         .files
-        .audit_events()
+        .audit_events_when(revoked)
+        .await
         .into_iter()
         .filter(|e| e["event"] == event && e["role"] == role)
         .collect()

@@ -491,9 +491,15 @@ async fn a_lease_ends_at_the_tokens_expiry_when_bound_to_it() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(wait_until_no_roles(&prefix, Duration::from_secs(10)).await);
+    let token_expired = |events: &[Value]| {
+        events
+            .iter()
+            .any(|e| e["event"] == "expired" && e.to_string().contains("token_expired"))
+    };
     let reasons: Vec<Value> = proxy
         .files
-        .audit_events()
+        .audit_events_when(token_expired)
+        .await
         .into_iter()
         .filter(|e| e["event"] == "expired")
         .collect();
