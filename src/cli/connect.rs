@@ -90,12 +90,16 @@ impl ConnectArgs {
 }
 
 pub fn main(args: ConnectArgs) -> anyhow::Result<()> {
-    let options = args.options()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ephemera-connect")
         .build()
         .context("cannot start the async runtime")?;
+    // The Workload API client follows the agent on this runtime.
+    let options = {
+        let _runtime = runtime.enter();
+        args.options()?
+    };
     runtime.block_on(async move {
         let to = options.to.clone();
         let connector = Connector::bind(options).await?;

@@ -1,11 +1,12 @@
 //! Where the connector's X.509-SVID comes from: the [`SvidSource`] seam,
-//! and [`FileSvid`], an SVID in PEM files that is re-read when they change.
+//! [`FileSvid`], an SVID in PEM files that is re-read when they change,
+//! and the SPIFFE Workload API ([`workload_api_source`]), whose stream of
+//! updates the client in `identity::workload_api` follows in the background.
 //!
 //! A source is asked for the current SVID once per connection (and by
 //! `/readyz`), so a rotation takes effect for the next connection with no
 //! restart and no signal; sessions already open keep the TLS connection
-//! they made with the SVID of their time. A SPIFFE Workload API source
-//! plugs in behind the same trait ([`workload_api_source`]).
+//! they made with the SVID of their time.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
+use crate::identity::workload_api::{self, EndpointError, WorkloadApi};
 use crate::identity::SpiffeId;
 
 /// An X.509-SVID the connector presents to Ephemera: the chain (leaf
@@ -55,16 +57,14 @@ impl fmt::Debug for ClientSvid {
 /// names the cause and what to check; it never quotes a file's contents.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SvidUnavailable {
-    #[error("the SPIFFE Workload API at {address} is unreachable: {reason}")]
-    AgentUnreachable { address: String, reason: String },
+    /// From the SPIFFE Workload API: the agent is unreachable, has sent
+    /// nothing yet or nothing usable, or its last SVID has expired.
+    #[error(transparent)]
+    WorkloadApi(#[from] workload_api::SvidUnavailable),
     #[error("the connector's X.509-SVID expired at {not_after}; it has not been rotated")]
     Expired { not_after: String },
     #[error("the connector's X.509-SVID is not valid before {not_before}")]
     NotYetValid { not_before: String },
-    #[error("no X.509-SVID has been received from the SPIFFE Workload API yet")]
-    NotYetReceived,
-    #[error("Workload API support: not in this build (--workload-api {address}); use --cert and --key, or --token-file")]
-    WorkloadApiNotInThisBuild { address: String },
     #[error("cannot use the X.509-SVID file {path}: {reason}")]
     Files { path: PathBuf, reason: String },
     #[error("the X.509-SVID in {path} is not usable: {reason}")]
@@ -75,11 +75,14 @@ impl SvidUnavailable {
     /// A short label for metrics (`ephemera_connector_errors_total{cause}`).
     pub fn label(&self) -> &'static str {
         match self {
-            SvidUnavailable::AgentUnreachable { .. }
-            | SvidUnavailable::WorkloadApiNotInThisBuild { .. } => "svid_agent_unreachable",
+            SvidUnavailable::WorkloadApi(from_agent) => match from_agent {
+                workload_api::SvidUnavailable::AgentUnreachable { .. } => "svid_agent_unreachable",
+                workload_api::SvidUnavailable::NotYetReceived { .. } => "svid_not_yet_received",
+                workload_api::SvidUnavailable::Rejected { .. } => "svid_rejected",
+                workload_api::SvidUnavailable::Expired { .. } => "svid_expired",
+            },
             SvidUnavailable::Expired { .. } => "svid_expired",
             SvidUnavailable::NotYetValid { .. } => "svid_not_yet_valid",
-            SvidUnavailable::NotYetReceived => "svid_not_yet_received",
             SvidUnavailable::Files { .. } | SvidUnavailable::NotAnSvid { .. } => "svid_files",
         }
     }
@@ -92,12 +95,34 @@ pub trait SvidSource: Send + Sync {
     fn current(&self) -> Result<ClientSvid, SvidUnavailable>;
 }
 
-/// The source for `--workload-api ADDR`. The Workload API client is not in
-/// this build: this fails at start, clearly, instead of connecting nowhere.
-pub fn workload_api_source(address: &str) -> Result<Arc<dyn SvidSource>, SvidUnavailable> {
-    Err(SvidUnavailable::WorkloadApiNotInThisBuild {
-        address: address.to_owned(),
-    })
+/// The source for `--workload-api ADDR`: a Workload API client that
+/// follows the agent's stream in the background (it must be called on a
+/// tokio runtime). It returns at once: while the agent has sent nothing,
+/// connections are refused saying so, and `/readyz` is 503. Only a
+/// malformed address fails here.
+pub fn workload_api_source(endpoint: &str) -> Result<Arc<dyn SvidSource>, EndpointError> {
+    Ok(Arc::new(WorkloadApiSvid {
+        api: WorkloadApi::start(endpoint)?,
+    }))
+}
+
+/// The latest X.509-SVID the SPIFFE Workload API has pushed; an update
+/// replaces it for the next connection.
+#[derive(Debug)]
+struct WorkloadApiSvid {
+    api: WorkloadApi,
+}
+
+impl SvidSource for WorkloadApiSvid {
+    fn current(&self) -> Result<ClientSvid, SvidUnavailable> {
+        let svid = self.api.svid()?;
+        Ok(ClientSvid {
+            chain: svid.chain.clone(),
+            key: svid.key.clone_key(),
+            spiffe_id: svid.spiffe_id.clone(),
+            not_after: OffsetDateTime::from(svid.not_after),
+        })
+    }
 }
 
 /// What identifies the files' contents: a SHA-256 over both. Reading two
@@ -264,10 +289,26 @@ mod tests {
     }
 
     #[test]
-    fn the_workload_api_is_not_in_this_build() {
-        let error = workload_api_source("unix:///run/spire/agent.sock")
-            .err()
-            .unwrap();
-        assert!(error.to_string().contains("not in this build"), "{error}");
+    fn a_malformed_workload_api_address_is_refused_at_start() {
+        let error = workload_api_source("/run/spire/agent.sock").err().unwrap();
+        assert!(error.to_string().contains("unix:///"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_agent_is_named_with_its_address() {
+        let source = workload_api_source("unix:///nonexistent/agent.sock").unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let error = loop {
+            let error = source.current().err().unwrap();
+            if error.label() != "svid_not_yet_received" || tokio::time::Instant::now() > deadline {
+                break error;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(error.label(), "svid_agent_unreachable", "{error}");
+        assert!(
+            error.to_string().contains("unix:///nonexistent/agent.sock"),
+            "{error}"
+        );
     }
 }

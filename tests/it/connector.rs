@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::{
-    free_port, psql, role_prefix, start_proxy_with_extra_config, wait_until_no_roles, ProxyOptions,
-    TestProxy, DATABASE,
+    free_port, psql, role_prefix, roles_with_prefix, start_proxy_with_extra_config,
+    wait_until_no_roles, ProxyOptions, TestProxy, DATABASE,
 };
+use common::workload_api::{TestWorkloadApi, WorkloadMaterial};
 use common::TestCert;
-use ephemera::connector::{Connector, ConnectorOptions, Credential, FileSvid};
+use ephemera::connector::{workload_api_source, Connector, ConnectorOptions, Credential, FileSvid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -346,7 +347,7 @@ async fn a_non_loopback_listen_is_refused_saying_why() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
         .args(["connect", "--to", "127.0.0.1:1", "--ca"])
         .arg(&ca_path)
-        .args(["--workload-api", "unix:///run/spire/sockets/agent.sock"])
+        .args(["--workload-api", "/run/spire/sockets/agent.sock"])
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
         .output()
         .await
@@ -354,7 +355,7 @@ async fn a_non_loopback_listen_is_refused_saying_why() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("Workload API support: not in this build"),
+        stderr.contains("not a SPIFFE Workload API endpoint"),
         "{stderr}"
     );
 }
@@ -628,5 +629,114 @@ async fn shutdown_stops_accepting_and_ends_sessions_after_the_grace_period() {
     let error = client.simple_query("SELECT 1").await.unwrap_err();
     assert!(error.is_closed() || error.code().is_some(), "{error:?}");
     assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await);
+    proxy.shutdown().await;
+}
+
+/// Poll `/readyz` until it answers `status` (the Workload API client
+/// follows the agent in the background); the last answer.
+async fn readyz_until(http: SocketAddr, status: u16) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = get(http, "/readyz").await;
+        if answer.0 == status || Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svids_from_the_workload_api_rotate_for_the_next_connection_and_expire_clearly() {
+    let template = "k_wlapi";
+    let proxy = proxy_for(&[template], "").await;
+    let ca = &proxy.files.svid_ca;
+    let material = |id: &str, svid: TestCert| WorkloadMaterial::new(id, svid, vec![ca.cert_der()]);
+    let agent = TestWorkloadApi::start(material(ONE, proxy.svid(ONE))).await;
+    let source = workload_api_source(&agent.endpoint()).unwrap();
+    let mut options = options(&proxy, Credential::Svid(source));
+    options.http = Some("127.0.0.1:0".parse().unwrap());
+    let connector = Running::start(options).await;
+    let http = connector.http.unwrap();
+
+    let (status, body) = readyz_until(http, 200).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(ONE), "{body}");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} dbname={DATABASE} user={template}",
+        connector.addr.port()
+    );
+    let out = psql_as_app(&conninfo, WHO_SQL).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (role, identity) = text.trim().split_once(' ').unwrap();
+    assert!(role.starts_with(&role_prefix(template)), "{text}");
+    assert_eq!(identity, ONE, "psql lands as the Workload API's SVID");
+    let first = connector.connect(template).await.unwrap();
+    assert_eq!(who(&first).await.1, ONE);
+
+    // The agent pushes a new SVID (another identity, to tell them apart):
+    // the next connection presents it; the open session is untouched.
+    agent.push(material(TWO, proxy.svid(TWO)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        let client = connector.connect(template).await.unwrap();
+        if who(&client).await.1 == TWO {
+            break client;
+        }
+        assert!(Instant::now() < deadline, "the pushed SVID was never used");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(
+        who(&first).await.1,
+        ONE,
+        "the open session keeps its identity"
+    );
+
+    // The agent's last SVID expires without a newer one: a clear FATAL and
+    // /readyz 503 instead of a hang; open sessions go on.
+    agent.push(material(TWO, ca.svid_expired(TWO)));
+    let (status, body) = readyz_until(http, 503).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("expired"), "{body}");
+    let (code, message) = sqlstate(&connector.connect(template).await.err().unwrap());
+    assert_eq!(code, "08001", "{message}");
+    assert!(message.contains("expired"), "{message}");
+    assert!(message.contains(&agent.endpoint()), "{message}");
+    assert_eq!(who(&second).await.1, TWO);
+    drop((first, second));
+    assert!(wait_until_no_roles(&role_prefix(template), Duration::from_secs(10)).await);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_workload_api_is_a_fatal_naming_it() {
+    let template = "k_wlapi_gone";
+    let proxy = proxy_for(&[template], "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("unix://{}", dir.path().join("agent.sock").display());
+    let mut options = options(
+        &proxy,
+        Credential::Svid(workload_api_source(&endpoint).unwrap()),
+    );
+    options.http = Some("127.0.0.1:0".parse().unwrap());
+    let connector = Running::start(options).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let message = loop {
+        let (code, message) = sqlstate(&connector.connect(template).await.err().unwrap());
+        assert_eq!(code, "08001", "{message}");
+        if message.contains("unreachable") || Instant::now() > deadline {
+            break message;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(message.contains("unreachable"), "{message}");
+    assert!(message.contains(&endpoint), "{message}");
+    let (status, body) = get(connector.http.unwrap(), "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(roles_with_prefix(&role_prefix(template)).await.is_empty());
     proxy.shutdown().await;
 }
