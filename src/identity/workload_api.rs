@@ -298,6 +298,38 @@ pub async fn fetch_once(
         .map_err(FetchOnceError::Unavailable)
 }
 
+/// The JWT bundle of `trust_domain` (a JWKS document: `{"keys": [...]}`),
+/// asked of the Workload API once (`FetchJWTBundles`), at most `timeout`.
+/// The token issuers' key cache calls it as it would fetch a JWKS URL.
+pub async fn fetch_jwt_bundle(
+    endpoint: &str,
+    trust_domain: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value, String> {
+    let fetch = async {
+        let client = spiffe::WorkloadApiClient::connect_to(endpoint)
+            .await
+            .map_err(|e| format!("the SPIFFE Workload API at {endpoint} is unreachable: {e}"))?;
+        let set = client.fetch_jwt_bundles().await.map_err(|e| {
+            format!("the SPIFFE Workload API at {endpoint} sent no JWT bundles: {e}")
+        })?;
+        let domain = spiffe::TrustDomain::new(trust_domain)
+            .map_err(|e| format!("{trust_domain:?} is not a trust domain: {e}"))?;
+        let bundle = set.get(&domain).ok_or_else(|| {
+            format!("the SPIFFE Workload API at {endpoint} has no JWT bundle for {trust_domain}")
+        })?;
+        let keys = bundle
+            .jwt_authorities()
+            .map(|authority| serde_json::from_slice(authority.jwk_json()))
+            .collect::<Result<Vec<serde_json::Value>, _>>()
+            .map_err(|e| format!("a JWT authority of {trust_domain} is not JSON: {e}"))?;
+        Ok(serde_json::json!({ "keys": keys }))
+    };
+    tokio::time::timeout(timeout, fetch).await.map_err(|_| {
+        format!("the SPIFFE Workload API at {endpoint} did not send JWT bundles within {timeout:?}")
+    })?
+}
+
 /// Why [`fetch_once`] got nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchOnceError {

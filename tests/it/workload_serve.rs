@@ -1,7 +1,8 @@
 //! `ephemera serve` with `[tls] workload_api`: the server's certificate and
 //! every trust bundle come from the tests' own Workload API, and a CA
 //! rotation pushed down the stream applies to the next connection, with no
-//! restart and no signal (issue 16, acceptance 4).
+//! restart and no signal (issue 16, acceptance 4); JWT-SVIDs are checked
+//! against the JWT bundle from the same stream.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)] // a test: a panic is its failure message; scenarios read top to bottom
 
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use ephemera::admin::api::LeaseFilter;
 use rcgen::SanType;
 
 use crate::common;
+use crate::tokens::{jwks, now, Signer};
 use common::proxy::{ProxyFiles, ProxyOptions, TestProxy, ADMIN_ID, DATABASE};
 use common::workload_api::{TestWorkloadApi, WorkloadMaterial};
 use common::{make_tls_connect, svid_params, TestCa, TestCert};
@@ -268,4 +270,77 @@ async fn serve_without_a_reachable_agent_says_so() {
         "{text}"
     );
     assert_eq!(error.sqlstate(), "08001");
+}
+
+/// A JWT bundle as SPIRE's Workload API sends it: the keys marked
+/// `"use": "jwt-svid"`.
+fn jwt_bundle(signer: &Signer) -> Vec<u8> {
+    let mut set: serde_json::Value = serde_json::from_str(&jwks(&[signer])).unwrap();
+    set["keys"][0]["use"] = "jwt-svid".into();
+    set.to_string().into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_are_checked_against_the_workload_apis_jwt_bundle_and_its_rotation() {
+    let ca = TestCa::new("wlserve-jwt-ca");
+    let (old, new) = (Signer::es256("wl-jwt-1"), Signer::es256("wl-jwt-2"));
+    let with_jwt = |signer: &Signer| {
+        let mut material = WorkloadMaterial::new(SERVER_ID, server_svid(&ca), vec![ca.cert_der()]);
+        material
+            .jwt_bundles
+            .insert("example.org".into(), jwt_bundle(signer));
+        material
+    };
+    let agent = TestWorkloadApi::start(with_jwt(&old)).await;
+    // No jwks_file, no jwks_url: the issuer's keys are the stream's.
+    let issuer = "[[tokens.issuer]]\nname = \"spire\"\nspiffe_trust_domain = \"example.org\"\naudience = \"spiffe://example.org/ephemera\"\n";
+    let proxy = TestProxy::serve(files_for(&agent.endpoint(), issuer).await).await;
+    let login = |token: String| {
+        let tls = make_tls_connect(ca.cert_pem(), None);
+        let mut config = proxy.pg_config(TEMPLATE, DATABASE);
+        config.password(token);
+        async move {
+            let (client, connection) = config.connect(tls).await?;
+            tokio::spawn(connection);
+            Ok::<_, tokio_postgres::Error>(client)
+        }
+    };
+    let claims = serde_json::json!({"sub": APP_ID, "aud": "spiffe://example.org/ephemera",
+                                    "exp": now() + 600, "iat": now()});
+
+    let client = login(old.sign(&claims)).await.unwrap();
+    assert!(current_user(&client).await.starts_with("eph_"));
+    // A key the bundle does not hold is refused, naming no token.
+    let stranger = Signer::es256("wl-jwt-stranger");
+    let refused = login(stranger.sign(&claims)).await.unwrap_err();
+    assert_eq!(sqlstate(&refused).as_deref(), Some("28000"), "{refused:?}");
+
+    // The agent rotates the JWT signing key: a token of the new key is
+    // accepted with no restart (the unknown kid asks the agent again, at
+    // most once per refresh interval), and the old key is gone.
+    agent.push(with_jwt(&new));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let rotated = loop {
+        match login(new.sign(&claims)).await {
+            Ok(client) => break client,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("the rotated JWT bundle was never used: {e:?}"),
+        }
+    };
+    assert!(current_user(&rotated).await.starts_with("eph_"));
+    let old_again = login(old.sign(&claims)).await.unwrap_err();
+    assert_eq!(
+        sqlstate(&old_again).as_deref(),
+        Some("28000"),
+        "the old key is gone: {old_again:?}"
+    );
+    assert!(
+        current_user(&client).await.starts_with("eph_"),
+        "open sessions go on"
+    );
+    drop((client, rotated));
+    proxy.shutdown().await;
 }

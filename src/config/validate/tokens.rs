@@ -24,7 +24,8 @@ pub(super) fn tokens(
         let key = format!("tokens.issuer[{i}]");
         let before = problems.0.len();
         check_names(file, i, section, &key, problems);
-        let keys = keys(section, base, provider, &key, problems);
+        let workload_api = file.tls.workload_api.as_deref();
+        let keys = keys(section, workload_api, base, provider, &key, problems);
         if let (Some(keys), true) = (keys, problems.0.len() == before) {
             let config = IssuerConfig {
                 name: section.name.clone(),
@@ -96,11 +97,25 @@ fn check_names(
 
 fn keys(
     section: &IssuerSection,
+    workload_api: Option<&str>,
     base: &Path,
     provider: &Arc<CryptoProvider>,
     key: &str,
     problems: &mut Problems,
 ) -> Option<KeySource> {
+    // A JWT-SVID issuer with neither key: its trust domain's JWT bundle
+    // from the Workload API Ephemera already takes its X.509-SVID from.
+    if let (None, None, Some(domain), Some(endpoint)) = (
+        &section.jwks_file,
+        &section.jwks_url,
+        &section.spiffe_trust_domain,
+        workload_api,
+    ) {
+        return Some(KeySource::WorkloadApi {
+            endpoint: endpoint.to_owned(),
+            trust_domain: domain.clone(),
+        });
+    }
     match (&section.jwks_file, &section.jwks_url) {
         (Some(_), Some(_)) => {
             problems.add(
@@ -139,7 +154,7 @@ fn keys(
                 (None, _) => {
                     problems.add(
                         format!("{key}.jwks_url"),
-                        "give jwks_file or jwks_url (OIDC discovery needs an https:// issuer)",
+                        "give jwks_file or jwks_url (OIDC discovery needs an https:// issuer; a spiffe_trust_domain issuer takes its JWT bundle from [tls] workload_api when that is set)",
                     );
                     None
                 }

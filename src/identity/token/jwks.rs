@@ -3,6 +3,8 @@
 //! over HTTPS, cached, refetched when a token names a key id the cache does
 //! not have (at most once per [`MIN_REFRESH_INTERVAL`]) or the cache is older
 //! than [`MAX_AGE`], and served from the cache while the issuer is down.
+//! A JWT-SVID issuer's keys can also be its trust domain's JWT bundle from
+//! the SPIFFE Workload API, asked again on the same terms as a URL.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,7 @@ use rustls::ClientConfig;
 
 use super::fetch::{get_json, FetchError};
 use super::types::TokenError;
+use crate::identity::workload_api::fetch_jwt_bundle;
 
 /// Unknown key ids refetch the JWKS at most this often.
 pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(3);
@@ -34,6 +37,8 @@ pub enum JwksError {
     NoJwksUri,
     #[error("it has no usable signing key (RSA, EC P-256/P-384 or Ed25519)")]
     NoUsableKey,
+    #[error("{0}")]
+    WorkloadApi(String),
 }
 
 /// Where an issuer's keys come from.
@@ -47,7 +52,16 @@ pub enum KeySource {
         issuer: String,
         tls: Arc<ClientConfig>,
     },
+    /// The JWT bundle of a SPIFFE trust domain, from the Workload API that
+    /// `[tls] workload_api` names (JWT-SVID issuers without a JWKS key).
+    WorkloadApi {
+        endpoint: String,
+        trust_domain: String,
+    },
 }
+
+/// How long one ask of the Workload API for JWT bundles may take.
+const WORKLOAD_API_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for KeySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,6 +71,10 @@ impl std::fmt::Debug for KeySource {
             }
             KeySource::Url { url, .. } => write!(f, "Url({url})"),
             KeySource::Discovery { issuer, .. } => write!(f, "Discovery({issuer})"),
+            KeySource::WorkloadApi {
+                endpoint,
+                trust_domain,
+            } => write!(f, "WorkloadApi({endpoint}, {trust_domain})"),
         }
     }
 }
@@ -87,11 +105,11 @@ pub fn parse_jwks(value: &serde_json::Value) -> Result<Vec<Jwk>, JwksError> {
         .iter()
         .filter_map(|k| serde_json::from_value::<Jwk>(k.clone()).ok())
         .filter(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_)))
-        .filter(|k| {
-            matches!(
-                k.common.public_key_use,
-                None | Some(PublicKeyUse::Signature)
-            )
+        .filter(|k| match &k.common.public_key_use {
+            None | Some(PublicKeyUse::Signature) => true,
+            // SPIFFE bundles mark JWT-SVID signing keys so.
+            Some(PublicKeyUse::Other(other)) => other == "jwt-svid",
+            Some(_) => false,
         })
         .collect();
     if usable.is_empty() {
@@ -144,11 +162,9 @@ impl Jwks {
 
     /// The key for `kid` (or the only key, when the token names none).
     pub async fn key(&self, issuer: &str, kid: Option<&str>) -> Result<Jwk, TokenError> {
-        let (tls, url) = match &self.source {
-            KeySource::File { keys, .. } => return select(keys, issuer, kid),
-            KeySource::Url { url, tls } => (tls, Some(url)),
-            KeySource::Discovery { tls, .. } => (tls, None),
-        };
+        if let KeySource::File { keys, .. } = &self.source {
+            return select(keys, issuer, kid);
+        }
         let (keys, fresh, may_retry) = self.cached();
         if let Some(keys) = &keys {
             let found = select(keys, issuer, kid);
@@ -159,7 +175,7 @@ impl Jwks {
         // Rate-limited: while the issuer is down, tokens are checked
         // against the keys cached before.
         if may_retry {
-            self.refresh(tls, url).await;
+            self.refresh().await;
         }
         match self.cached().0 {
             Some(keys) => select(&keys, issuer, kid),
@@ -170,7 +186,7 @@ impl Jwks {
         }
     }
 
-    async fn refresh(&self, tls: &Arc<ClientConfig>, url: Option<&String>) {
+    async fn refresh(&self) {
         let started = Instant::now();
         let _one = self.refreshing.lock().await;
         {
@@ -180,7 +196,7 @@ impl Jwks {
                 return;
             }
         }
-        let result = self.fetch(tls, url).await;
+        let result = self.fetch().await;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.last_attempt = Some(Instant::now());
         match result {
@@ -194,27 +210,33 @@ impl Jwks {
         }
     }
 
-    async fn fetch(
-        &self,
-        tls: &Arc<ClientConfig>,
-        url: Option<&String>,
-    ) -> Result<Vec<Jwk>, JwksError> {
-        let jwks_uri = match (url, &self.source) {
-            (Some(url), _) => url.clone(),
-            (None, KeySource::Discovery { issuer, .. }) => {
+    async fn fetch(&self) -> Result<Vec<Jwk>, JwksError> {
+        let (jwks_uri, tls) = match &self.source {
+            KeySource::File { keys, .. } => return Ok(keys.to_vec()),
+            KeySource::WorkloadApi {
+                endpoint,
+                trust_domain,
+            } => {
+                let document = fetch_jwt_bundle(endpoint, trust_domain, WORKLOAD_API_TIMEOUT)
+                    .await
+                    .map_err(JwksError::WorkloadApi)?;
+                return parse_jwks(&document);
+            }
+            KeySource::Url { url, tls } => (url.clone(), tls),
+            KeySource::Discovery { issuer, tls } => {
                 let discovery = format!(
                     "{}/.well-known/openid-configuration",
                     issuer.trim_end_matches('/')
                 );
                 let document = get_json(&discovery, tls.clone()).await?;
-                document
+                let uri = document
                     .get("jwks_uri")
                     .and_then(|u| u.as_str())
                     .filter(|u| u.starts_with("https://"))
                     .ok_or(JwksError::NoJwksUri)?
-                    .to_owned()
+                    .to_owned();
+                (uri, tls)
             }
-            (None, _) => return Err(JwksError::NoJwksUri),
         };
         let document = get_json(&jwks_uri, tls.clone()).await?;
         parse_jwks(&document)

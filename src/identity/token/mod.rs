@@ -6,7 +6,7 @@
 //! | `mod.rs` | the set of issuers |
 //! | `types.rs` | the token as a secret, its errors, the verified result |
 //! | `issuer.rs` | one `[[tokens.issuer]]`: which token is its, and the JOSE/OIDC checks |
-//! | `jwks.rs` | the issuer's keys: from a file, or fetched over HTTPS and cached |
+//! | `jwks.rs` | the issuer's keys: from a file, or fetched (over HTTPS, or a JWT bundle from the SPIFFE Workload API) and cached |
 //! | `fetch.rs` | the HTTPS GET (hyper over tokio-rustls) for JWKS and OIDC discovery |
 //! | `claims.rs` | matching a token's claims against a policy's `claims` table |
 //!
