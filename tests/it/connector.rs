@@ -185,6 +185,23 @@ async fn psql_as_app(conninfo: &str, sql: &str) -> std::process::Output {
 
 const WHO_SQL: &str = "select session_user || ' ' || (shobj_description((select oid from pg_roles where rolname = session_user), 'pg_authid')::json->>'identity')";
 
+/// psql as an application on `host` (an address or the socket directory):
+/// the identity its session's lease names, once it is checked to be a
+/// fresh role of `template`.
+async fn psql_identity(host: &str, port: u16, template: &str) -> String {
+    let conninfo = format!("host={host} port={port} dbname={DATABASE} user={template}");
+    let out = psql_as_app(&conninfo, WHO_SQL).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{host}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (role, identity) = text.trim().split_once(' ').unwrap();
+    assert!(role.starts_with(&role_prefix(template)), "{text}");
+    identity.to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_without_credentials_lands_as_the_svid_over_tcp_and_the_unix_socket() {
     let template = "k_psql";
@@ -207,19 +224,7 @@ async fn psql_without_credentials_lands_as_the_svid_over_tcp_and_the_unix_socket
     );
 
     for host in ["127.0.0.1".to_owned(), sockets.path().display().to_string()] {
-        let conninfo = format!(
-            "host={host} port={} dbname={DATABASE} user={template}",
-            connector.addr.port()
-        );
-        let out = psql_as_app(&conninfo, WHO_SQL).await;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{host}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (role, identity) = text.trim().split_once(' ').unwrap();
-        assert!(role.starts_with(&role_prefix(template)), "{text}");
+        let identity = psql_identity(&host, connector.addr.port(), template).await;
         assert_eq!(identity, ONE, "via {host}");
     }
     assert!(
@@ -661,19 +666,7 @@ async fn svids_from_the_workload_api_rotate_for_the_next_connection_and_expire_c
     let (status, body) = readyz_until(http, 200).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(ONE), "{body}");
-    let conninfo = format!(
-        "host=127.0.0.1 port={} dbname={DATABASE} user={template}",
-        connector.addr.port()
-    );
-    let out = psql_as_app(&conninfo, WHO_SQL).await;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (role, identity) = text.trim().split_once(' ').unwrap();
-    assert!(role.starts_with(&role_prefix(template)), "{text}");
+    let identity = psql_identity("127.0.0.1", connector.addr.port(), template).await;
     assert_eq!(identity, ONE, "psql lands as the Workload API's SVID");
     let first = connector.connect(template).await.unwrap();
     assert_eq!(who(&first).await.1, ONE);
