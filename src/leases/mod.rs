@@ -287,6 +287,7 @@ impl LeaseManager {
             client_addr,
             ttl: settings.ttl,
             max_expires_at,
+            connection_limit: settings.pool.as_ref().map(|pool| pool.size),
         };
         let started = std::time::Instant::now();
         let credential = self.engine.issue(request).await?;
