@@ -401,6 +401,18 @@ impl LeaseManager {
         self.engine.close_login(lease).await
     }
 
+    /// A pooled lease needs another backend: open its login window again
+    /// for one login (see [`Engine::reopen_login`]).
+    pub async fn reopen_login(&self, lease: &Lease) -> Result<UpstreamLogin, EngineError> {
+        self.engine.reopen_login(lease).await
+    }
+
+    /// Whether the lease is still live here (not ended by revocation,
+    /// expiry or policy).
+    pub fn is_active(&self, id: LeaseId) -> bool {
+        self.lock().active.contains_key(&id)
+    }
+
     /// Record a successful login as the lease's role (for the audit trail),
     /// with the client certificate it used, if any.
     pub fn logged_in(&self, lease: &Lease, login: &UpstreamLogin) {

@@ -7,6 +7,7 @@
 pub mod cancel;
 pub mod front_door;
 pub mod handoff;
+pub mod pool;
 pub mod protocol;
 pub mod quiet_socket;
 pub mod refusal;
@@ -38,7 +39,7 @@ use crate::session::statements::StatementWatch;
 const OWNED_PARAMETERS: [&str; 3] = ["user", "database", "replication"];
 
 /// What the startup packet asks for, once the policy has allowed it.
-struct Request {
+pub struct Request {
     template: String,
     database: String,
     settings: TemplateSettings,
@@ -77,6 +78,10 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
         let template = Some(request.template.clone());
         return refuse_and_audit(&services, stream, refusal, peer, who, template).await;
     }
+    if let Some(pool) = request.settings.pool.clone() {
+        let request = (request, pool);
+        return pool::run_pooled(services, identity, request, stream, peer, bound).await;
+    }
     let mut lease = match mint(&services, &identity, &request, peer, bound).await {
         Ok(lease) => lease,
         Err(refusal) => return refuse(stream, refusal, peer).await,
@@ -86,7 +91,12 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
         Err(refusal) => return refuse(stream, refusal, peer).await,
     };
     let cancel = services.cancels.register(session.backend_key);
-    let hello = greeting(&session, &request, cancel.client_key());
+    let hello = greeting(
+        &session.greeting,
+        &session.ready_for_query,
+        &request,
+        cancel.client_key(),
+    );
     log_session(&lease, peer, "session started");
     services.leases.logged_in(lease.lease(), lease.login());
     let _active = ActiveSession::start();
@@ -158,15 +168,30 @@ fn allow(
     let requested_template = startup.parameters.get("user").cloned();
     let request =
         decide(&services.rules(), identity, startup).map_err(|r| (r, requested_template))?;
-    if !services.issue_limiter.try_take(identity.as_str()) {
-        let refusal = Refusal::RateLimited {
-            identity: identity.to_string(),
-            rate: services.issue_limiter.rate(),
-            burst: services.issue_limiter.burst(),
-        };
-        return Err((refusal, Some(request.template)));
+    // A pooled template's client mints only when its pool has no lease
+    // (`pool/session.rs` takes the token then).
+    if request.settings.pool.is_none() {
+        if let Err(refusal) = take_issue_token(services, identity, &request.template) {
+            return Err((refusal, Some(request.template)));
+        }
     }
     Ok(request)
+}
+
+/// One credential's worth of the identity's issue rate.
+fn take_issue_token(
+    services: &Services,
+    identity: &Principal,
+    _template: &str,
+) -> Result<(), Refusal> {
+    if services.issue_limiter.try_take(identity.as_str()) {
+        return Ok(());
+    }
+    Err(Refusal::RateLimited {
+        identity: identity.to_string(),
+        rate: services.issue_limiter.rate(),
+        burst: services.issue_limiter.burst(),
+    })
 }
 
 /// A `single_use` issuer's token opens one lease, across replicas: its
@@ -253,20 +278,21 @@ async fn log_in(
 /// What tells the client it is in: what PostgreSQL said at login, with our
 /// own cancel key in place of the backend's.
 fn greeting(
-    session: &upstream::UpstreamSession,
+    server_greeting: &[u8],
+    ready_for_query: &[u8],
     request: &Request,
     cancel_key: CancelKey,
 ) -> BytesMut {
-    let mut hello = BytesMut::with_capacity(session.greeting.len() + 64);
+    let mut hello = BytesMut::with_capacity(server_greeting.len() + 64);
     if request.minor_version != 0 || !request.unsupported_options.is_empty() {
         hello.extend_from_slice(&negotiate_protocol_version(
             request.unsupported_options.clone(),
         ));
     }
     hello.extend_from_slice(&authentication_ok());
-    hello.extend_from_slice(&session.greeting);
+    hello.extend_from_slice(server_greeting);
     hello.extend_from_slice(&backend_key_data(cancel_key));
-    hello.extend_from_slice(&session.ready_for_query);
+    hello.extend_from_slice(ready_for_query);
     hello
 }
 
