@@ -37,9 +37,11 @@ struct Frames {
 
 /// What [`Frames::feed`] reports.
 enum Frame {
-    /// A message's header is complete; it began at this offset of the
-    /// chunk (0 when its header began in an earlier one).
-    Start { kind: u8, at: usize },
+    /// A message's type byte, at this offset of the chunk (before its
+    /// length is known).
+    Kind { kind: u8, at: usize },
+    /// A message's header is complete.
+    Start { kind: u8 },
     /// A message is complete; `first`: its body's first byte, if any.
     End { kind: u8, first: Option<u8> },
 }
@@ -68,7 +70,14 @@ impl Frames {
                 }
                 continue;
             }
-            let start = i.saturating_sub(self.have);
+            if self.have == 0
+                && !on(Frame::Kind {
+                    kind: bytes[i],
+                    at: i,
+                })
+            {
+                return;
+            }
             let n = (5 - self.have).min(bytes.len() - i);
             self.header[self.have..self.have + n].copy_from_slice(&bytes[i..i + n]);
             self.have += n;
@@ -83,7 +92,7 @@ impl Frames {
                 return;
             };
             self.kind = kind;
-            if !on(Frame::Start { kind, at: start }) {
+            if !on(Frame::Start { kind }) {
                 return;
             }
             self.first = None;
@@ -137,12 +146,12 @@ impl Seen {
         let (pending, synced, terminated) =
             (&mut self.pending, &mut self.synced, &mut self.terminated);
         self.client.feed(bytes, |frame| match frame {
-            Frame::Start { kind: b'X', at } => {
+            Frame::Kind { kind: b'X', at } => {
                 keep = at;
                 *terminated = true;
                 false
             }
-            Frame::Start { .. } => true,
+            Frame::Kind { .. } | Frame::Start { .. } => true,
             Frame::End { kind, .. } => {
                 match kind {
                     b'Q' | b'S' | b'F' => {
@@ -169,7 +178,6 @@ impl Seen {
                 }
                 Frame::Start {
                     kind: b'G' | b'H' | b'W',
-                    ..
                 } => *copying = true,
                 _ => {}
             }
