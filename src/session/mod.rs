@@ -14,6 +14,7 @@ pub mod refusal;
 pub mod relay;
 pub mod services;
 pub mod statements;
+mod steps;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -22,33 +23,13 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use crate::config::{Rules, TemplateSettings};
 use crate::identity::Principal;
-use crate::leases::{Bound, EndReason, SessionLease};
-use crate::ops::audit::AuditEvent;
-use crate::policy::Decision;
+use crate::leases::{EndReason, SessionLease};
 use crate::session::front_door::{refuse, refuse_and_audit, Admitted, ClientStream};
-use crate::session::protocol::{
-    authentication_ok, backend_key_data, negotiate_protocol_version, CancelKey, StartupRequest,
-};
 use crate::session::refusal::Refusal;
 use crate::session::services::Services;
 use crate::session::statements::StatementWatch;
-
-/// Startup parameters Ephemera decides itself; everything else is passed on.
-const OWNED_PARAMETERS: [&str; 3] = ["user", "database", "replication"];
-
-/// What the startup packet asks for, once the policy has allowed it.
-pub struct Request {
-    template: String,
-    database: String,
-    settings: TemplateSettings,
-    /// Parameters to pass to the upstream (application_name, options, …).
-    forwarded: Vec<(String, String)>,
-    /// `_pq_.` protocol options we do not support, to report to the client.
-    unsupported_options: Vec<String>,
-    minor_version: u16,
-}
+use crate::session::steps::{allow, greeting, mint, statement_watch, Request};
 
 /// One admitted client's session, step by step. Each step either hands the
 /// next one what it needs or says why the client is turned away.
@@ -80,7 +61,7 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
     }
     if let Some(pool) = request.settings.pool.clone() {
         let request = (request, pool);
-        return pool::run_pooled(services, identity, request, stream, peer, bound).await;
+        return pool::session::run_pooled(services, identity, request, stream, peer, bound).await;
     }
     let mut lease = match mint(&services, &identity, &request, peer, bound).await {
         Ok(lease) => lease,
@@ -146,54 +127,6 @@ async fn greet_and_relay(
     })
 }
 
-/// The statement audit's watch, for templates with `audit_statements`.
-fn statement_watch(
-    services: &Services,
-    request: &Request,
-    lease: &ephemera_engine::Lease,
-) -> Option<StatementWatch> {
-    let settings = request.settings.statement_audit.as_ref()?;
-    let queue = services.leases.audit().statement_queue()?;
-    let base = AuditEvent::lease(crate::ops::audit::AuditKind::Statement, lease);
-    Some(StatementWatch::new(settings, base, queue))
-}
-
-/// The policy and the identity's issue rate: may this session have a
-/// credential? A refusal comes with the template asked for, for the audit.
-fn allow(
-    services: &Services,
-    identity: &Principal,
-    startup: StartupRequest,
-) -> Result<Request, (Refusal, Option<String>)> {
-    let requested_template = startup.parameters.get("user").cloned();
-    let request =
-        decide(&services.rules(), identity, startup).map_err(|r| (r, requested_template))?;
-    // A pooled template's client mints only when its pool has no lease
-    // (`pool/session.rs` takes the token then).
-    if request.settings.pool.is_none() {
-        if let Err(refusal) = take_issue_token(services, identity, &request.template) {
-            return Err((refusal, Some(request.template)));
-        }
-    }
-    Ok(request)
-}
-
-/// One credential's worth of the identity's issue rate.
-fn take_issue_token(
-    services: &Services,
-    identity: &Principal,
-    _template: &str,
-) -> Result<(), Refusal> {
-    if services.issue_limiter.try_take(identity.as_str()) {
-        return Ok(());
-    }
-    Err(Refusal::RateLimited {
-        identity: identity.to_string(),
-        rate: services.issue_limiter.rate(),
-        burst: services.issue_limiter.burst(),
-    })
-}
-
 /// A `single_use` issuer's token opens one lease, across replicas: its
 /// use is recorded in the database before anything is minted.
 async fn claim_single_use(
@@ -221,30 +154,6 @@ async fn claim_single_use(
             source,
         }),
     }
-}
-
-/// Have the engine make the session's credential (its lease).
-async fn mint(
-    services: &Arc<Services>,
-    identity: &Principal,
-    request: &Request,
-    peer: SocketAddr,
-    bound: Option<Bound>,
-) -> Result<SessionLease, Refusal> {
-    let issued = services
-        .leases
-        .issue_session(identity, &request.template, &request.settings, peer, bound)
-        .await;
-    issued.map_err(|source| {
-        services.leases.audit().record(AuditEvent::issue_failed(
-            identity.to_string(),
-            request.template.clone(),
-            peer,
-            source.to_string(),
-        ));
-        let upstream = services.upstream.address();
-        Refusal::Mint { upstream, source }
-    })
 }
 
 /// Log in upstream as the credential, then close its login window: a
@@ -275,27 +184,6 @@ async fn log_in(
     Ok(session)
 }
 
-/// What tells the client it is in: what PostgreSQL said at login, with our
-/// own cancel key in place of the backend's.
-fn greeting(
-    server_greeting: &[u8],
-    ready_for_query: &[u8],
-    request: &Request,
-    cancel_key: CancelKey,
-) -> BytesMut {
-    let mut hello = BytesMut::with_capacity(server_greeting.len() + 64);
-    if request.minor_version != 0 || !request.unsupported_options.is_empty() {
-        hello.extend_from_slice(&negotiate_protocol_version(
-            request.unsupported_options.clone(),
-        ));
-    }
-    hello.extend_from_slice(&authentication_ok());
-    hello.extend_from_slice(server_greeting);
-    hello.extend_from_slice(&backend_key_data(cancel_key));
-    hello.extend_from_slice(ready_for_query);
-    hello
-}
-
 /// Counts a relayed session in `ephemera_sessions_active` while it lives.
 struct ActiveSession;
 
@@ -319,61 +207,4 @@ fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {
         subject = lease.subject.as_deref().unwrap_or("-"), template = %lease.template,
         role = %lease.role, database = %lease.database, client_addr = %peer, "{what}"
     );
-}
-
-/// Apply the policy to what the startup packet asks for.
-fn decide(
-    rules: &Rules,
-    identity: &Principal,
-    startup: StartupRequest,
-) -> Result<Request, Refusal> {
-    let mut parameters = startup.parameters;
-    if let Some(replication) = parameters.get("replication") {
-        if !matches!(replication.as_str(), "false" | "off" | "no" | "0") {
-            return Err(Refusal::Replication);
-        }
-    }
-    let template = parameters.remove("user").unwrap_or_default();
-    if template.is_empty() {
-        return Err(Refusal::NoTemplate {
-            identity: identity.to_string(),
-            allowed: rules.policy.templates_for(identity),
-        });
-    }
-    let Some(settings) = rules.templates.get(&template) else {
-        return Err(Refusal::UnknownTemplate {
-            identity: identity.to_string(),
-            template,
-            allowed: rules.policy.templates_for(identity),
-        });
-    };
-    if let Decision::Denied { allowed } = rules.policy.decide(identity, &template) {
-        return Err(Refusal::Denied {
-            identity: identity.to_string(),
-            template,
-            allowed,
-        });
-    }
-    let database = match parameters.remove("database") {
-        Some(db) if !db.is_empty() && db != settings.database => {
-            return Err(Refusal::WrongDatabase {
-                template,
-                expected: settings.database.clone(),
-                requested: db,
-            })
-        }
-        _ => settings.database.clone(),
-    };
-    let (unsupported_options, forwarded) = parameters
-        .into_iter()
-        .filter(|(k, _)| !OWNED_PARAMETERS.contains(&k.as_str()))
-        .partition::<Vec<_>, _>(|(k, _)| k.starts_with("_pq_."));
-    Ok(Request {
-        template,
-        database,
-        settings: settings.clone(),
-        forwarded,
-        unsupported_options: unsupported_options.into_iter().map(|(k, _)| k).collect(),
-        minor_version: startup.minor_version,
-    })
 }

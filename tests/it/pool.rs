@@ -378,7 +378,7 @@ async fn an_idle_pool_drops_its_role_after_pool_idle_timeout() {
     let idle_since = Instant::now();
     assert_eq!(
         roles_with_prefix(&role_prefix(template)).await,
-        [role.clone()]
+        vec![role.clone()]
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !roles_with_prefix(&role_prefix(template)).await.is_empty() {

@@ -47,26 +47,7 @@ pub(super) fn templates(
                     continue;
                 }
             };
-        if t.database.is_empty() {
-            problems.add(
-                at("database"),
-                "must name the database sessions of this template use",
-            );
-        }
-        if t.ttl.is_zero() {
-            problems.add(at("ttl"), "must be longer than 0s, e.g. \"15m\"");
-        }
-        problems.at_most_max(at("ttl"), t.ttl);
-        problems.at_most_max(at("max_ttl"), t.max_ttl);
-        if t.max_ttl < t.ttl {
-            problems.add(
-                at("max_ttl"),
-                format!(
-                    "must be at least ttl ({}), e.g. \"1h\"",
-                    humantime::format_duration(t.ttl)
-                ),
-            );
-        }
+        lifetimes(&t, &at, problems);
         let Some(kind) = registry.get(&t.engine) else {
             problems.add(
                 at("engine"),
@@ -112,6 +93,30 @@ pub(super) fn templates(
             templates: engine_templates,
         },
     )
+}
+
+/// `database`, `ttl` and `max_ttl`.
+fn lifetimes(t: &TemplateSection, at: &dyn Fn(&str) -> String, problems: &mut Problems) {
+    if t.database.is_empty() {
+        problems.add(
+            at("database"),
+            "must name the database sessions of this template use",
+        );
+    }
+    if t.ttl.is_zero() {
+        problems.add(at("ttl"), "must be longer than 0s, e.g. \"15m\"");
+    }
+    problems.at_most_max(at("ttl"), t.ttl);
+    problems.at_most_max(at("max_ttl"), t.max_ttl);
+    if t.max_ttl < t.ttl {
+        problems.add(
+            at("max_ttl"),
+            format!(
+                "must be at least ttl ({}), e.g. \"1h\"",
+                humantime::format_duration(t.ttl)
+            ),
+        );
+    }
 }
 
 /// Statements longer than this cannot be kept whole in an event (a line

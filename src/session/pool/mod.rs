@@ -21,7 +21,7 @@
 
 mod backend;
 mod relay;
-mod session;
+pub mod session;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 pub use self::backend::Backend;
-pub use self::session::run_pooled;
 use crate::config::PoolSettings;
 use crate::leases::{LeaseManager, SessionLease};
 use crate::ops::telemetry;

@@ -17,10 +17,11 @@ use crate::session::front_door::{refuse, ClientStream};
 use crate::session::refusal::Refusal;
 use crate::session::relay::Unwatched;
 use crate::session::services::Services;
-use crate::session::{greeting, mint, statement_watch, take_issue_token, upstream, Request};
+use crate::session::steps::{greeting, mint, statement_watch, take_issue_token, Request};
+use crate::session::upstream;
 
 /// Serve one client of a pooled template, already allowed by the policy.
-pub async fn run_pooled(
+pub(crate) async fn run_pooled(
     services: Arc<Services>,
     identity: Principal,
     (request, settings): (Request, PoolSettings),
