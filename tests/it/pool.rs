@@ -30,6 +30,9 @@ const POOLED: &str = "pool = \"session\"\npool_size = 3\npool_idle_timeout = \"6
 async fn pooled_proxy(templates: &[&str], ids: &[&str], admin: bool, extra: &str) -> TestProxy {
     let mut options = ProxyOptions::templates(templates);
     options.template_extra = POOLED.into();
+    // Two session threads, handed sessions in turn: consecutive sessions
+    // run on different threads, and still share idle backends.
+    options.listen_extra = "workers = 2".into();
     if admin {
         options.admin_listen = Some("127.0.0.1:0".into());
     }
@@ -137,6 +140,11 @@ async fn one_identity_reuses_its_backend_and_role_and_nobody_else_sees_them() {
         second.who().await,
         (pid.clone(), role.clone()),
         "the next session of the same identity gets the same backend and role"
+    );
+    assert_eq!(
+        proxy.workers.accepted(),
+        vec![1, 1],
+        "the two sessions ran on different session threads"
     );
     let limit = second
         .text(&format!(
