@@ -38,7 +38,7 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Connect with `config`, run `SELECT 1`, return the time from `start` to
 /// the first row, then close the session.
-async fn first_row(
+pub async fn first_row(
     config: &tokio_postgres::Config,
     tls: &MakeRustlsConnect,
     start: Instant,
