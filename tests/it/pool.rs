@@ -23,6 +23,7 @@ const STATE_ID: &str = "spiffe://example.org/ns/pool/sa/state";
 const REVOKE_ID: &str = "spiffe://example.org/ns/pool/sa/revoke";
 const IDLE_ID: &str = "spiffe://example.org/ns/pool/sa/idle";
 const BUSY_ID: &str = "spiffe://example.org/ns/pool/sa/busy";
+const CANCEL_ID: &str = "spiffe://example.org/ns/pool/sa/cancel";
 
 const POOLED: &str = "pool = \"session\"\npool_size = 3\npool_idle_timeout = \"60s\"";
 
@@ -498,4 +499,80 @@ templates = ["zero"]
     ] {
         assert!(keys.contains(&key), "{key} not reported: {errors}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_clients_share_one_lease_and_cancel_keys_follow_the_backend() {
+    let template = "p_cancel";
+    let proxy = pooled_proxy(&[template], &[CANCEL_ID], false, "").await;
+    let cert = proxy.svid(CANCEL_ID);
+
+    // Three clients at once, the pool empty: one lease, three backends.
+    let (one, two, three) = tokio::join!(
+        open(&proxy, &cert, template),
+        open(&proxy, &cert, template),
+        open(&proxy, &cert, template)
+    );
+    let roles = [one.who().await.1, two.who().await.1, three.who().await.1];
+    assert!(roles.iter().all(|r| *r == roles[0]), "{roles:?}");
+    let issued = proxy
+        .files
+        .audit_events()
+        .iter()
+        .filter(|e| e["event"] == "lease_issued" && e["identity"] == CANCEL_ID)
+        .count();
+    assert_eq!(issued, 1, "one mint for concurrent first clients");
+    let old_token = one.client.cancel_token();
+    let (pid, _) = one.who().await;
+    one.close().await;
+    two.close().await;
+    three.close().await;
+    for n in 1..=3 {
+        assert_eq!(session_end(&proxy, CANCEL_ID, n).await, "backend_kept");
+    }
+
+    // Whoever gets that backend next has a cancel key of its own; the old
+    // client's key no longer reaches it.
+    let mut next = open(&proxy, &cert, template).await;
+    let mut tries = 0;
+    while next.who().await.0 != pid {
+        tries += 1;
+        assert!(tries < 10, "the backend of pid {pid} is lent again");
+        // Another of the three idle backends: keep this one busy, try again.
+        let held = next;
+        next = open(&proxy, &cert, template).await;
+        drop(held);
+    }
+    let tls = || make_tls_connect(proxy.files.server_ca.cert_pem(), Some(&cert));
+    let token = next.client.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        let result = next.client.simple_query("SELECT pg_sleep(30)").await;
+        (result, next)
+    });
+    let superuser = common::cluster().superuser("postgres").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let sleeping: i64 = superuser
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE 'SELECT pg_sleep%'",
+                &[&pid.parse::<i32>().unwrap()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if sleeping == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sleep runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    old_token.cancel_query(tls()).await.unwrap();
+    token.cancel_query(tls()).await.unwrap();
+    let (result, _next) = tokio::time::timeout(Duration::from_secs(5), sleeper)
+        .await
+        .expect("cancelled")
+        .unwrap();
+    let error = result.expect_err("the sleep was cancelled");
+    assert_eq!(error.code().map(|c| c.code()), Some("57014"), "{error:?}");
+    proxy.shutdown().await;
 }
