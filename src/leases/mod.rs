@@ -236,6 +236,12 @@ impl LeaseManager {
         })
     }
 
+    /// Whether session leases end with their client certificate
+    /// (`lease.bind_to_svid`).
+    pub fn binds_svid(&self) -> bool {
+        self.bind_to_svid
+    }
+
     pub fn audit(&self) -> &AuditLog {
         &self.audit
     }

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
@@ -14,8 +15,10 @@ use crate::identity::Principal;
 use crate::leases::Bound;
 use crate::ops::audit::{AuditEvent, AuditKind};
 use crate::session::front_door::{refuse, ClientStream};
+use crate::session::protocol::fatal;
+use crate::session::protocol::sqlstate::ADMIN_SHUTDOWN;
 use crate::session::refusal::Refusal;
-use crate::session::relay::Unwatched;
+use crate::session::relay::{Relayed, Unwatched};
 use crate::session::services::Services;
 use crate::session::steps::{greeting, mint, statement_watch, take_issue_token, Request};
 use crate::session::upstream;
@@ -57,23 +60,10 @@ pub(crate) async fn run_pooled(
         pool.settings().reset_query.clone(),
         services.upstream.connect_timeout,
     );
-    let threads = &services.relay_threads;
-    let relayed = threads.spawn(move |_| async move {
-        use crate::session::handoff::Rebind;
-        let mut client = stream;
-        let mut backend = backend;
-        client.rebind()?;
-        backend.stream = backend.stream.rebind()?;
-        client.write_all(&hello).await?;
-        client.flush().await?;
-        let ended = match watch {
-            None => relay_pooled(&mut client, &mut backend.stream, &mut Unwatched).await,
-            Some(mut w) => relay_pooled(&mut client, &mut backend.stream, &mut w).await,
-        }?;
-        let kept = keep(backend, &ended, &reset.0, reset.1).await;
-        let _ = client.shutdown().await;
-        Ok::<_, std::io::Error>((ended.relayed, kept))
-    });
+    let until = client_deadline(&services, lease, bound);
+    let relayed = services
+        .relay_threads
+        .spawn(move |_| async move { serve(stream, backend, hello, watch, (reset, until)).await });
     let outcome = relayed
         .await
         .unwrap_or_else(|join| Err(std::io::Error::other(join)));
@@ -101,13 +91,73 @@ pub(crate) async fn run_pooled(
     record(&services, AuditKind::SessionEnd, lease, peer, Some(reason));
 }
 
+/// When this client's own credential (its SVID, with `bind_to_svid`, or
+/// its token, with `bind_to_expiry`) expires before the pool's lease: its
+/// session ends then, though the pool's lease goes on.
+fn client_deadline(
+    services: &Services,
+    lease: &ephemera_engine::Lease,
+    bound: Option<Bound>,
+) -> Option<std::time::Duration> {
+    let at = match bound? {
+        Bound::Svid(at) if services.leases.binds_svid() => at,
+        Bound::Svid(_) => return None,
+        Bound::Token(at) => at,
+    };
+    (at < lease.max_expires_at).then(|| {
+        let left = at - time::OffsetDateTime::now_utc();
+        left.try_into().unwrap_or_default()
+    })
+}
+
+/// On the session thread: greet, relay until the client leaves (or its
+/// own credential expires), then reset and keep the backend if it can be.
+async fn serve(
+    mut client: ClientStream,
+    mut backend: Backend,
+    hello: bytes::BytesMut,
+    watch: Option<crate::session::statements::StatementWatch>,
+    ((reset_query, timeout), until): ((String, Duration), Option<Duration>),
+) -> std::io::Result<(Relayed, Option<Backend>)> {
+    use crate::session::handoff::Rebind;
+    client.rebind()?;
+    backend.stream = backend.stream.rebind()?;
+    client.write_all(&hello).await?;
+    client.flush().await?;
+    let relay = async {
+        match watch {
+            None => relay_pooled(&mut client, &mut backend.stream, &mut Unwatched).await,
+            Some(mut w) => relay_pooled(&mut client, &mut backend.stream, &mut w).await,
+        }
+    };
+    let relayed = match until {
+        None => Ok(relay.await),
+        Some(left) => tokio::time::timeout(left, relay).await,
+    };
+    let Ok(ended) = relayed else {
+        let bye = fatal(
+            ADMIN_SHUTDOWN,
+            "terminating connection: the client certificate or token this session was opened with has expired",
+            Some("Connect again with a current credential."),
+        );
+        let _ = client.write_all(&bye).await;
+        let _ = client.shutdown().await;
+        backend.close().await;
+        return Ok((Relayed::default(), None));
+    };
+    let ended = ended?;
+    let kept = keep(backend, &ended, &reset_query, timeout).await;
+    let _ = client.shutdown().await;
+    Ok((ended.relayed, kept))
+}
+
 /// After the client left: reset the backend and keep it, if what the
 /// relay saw allows; otherwise it is closed (dropped).
 async fn keep(
     mut backend: Backend,
     ended: &Ended,
     reset_query: &str,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Option<Backend> {
     if ended.server_closed || !ended.seen.reusable() {
         return None;
