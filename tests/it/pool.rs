@@ -24,6 +24,7 @@ const REVOKE_ID: &str = "spiffe://example.org/ns/pool/sa/revoke";
 const IDLE_ID: &str = "spiffe://example.org/ns/pool/sa/idle";
 const BUSY_ID: &str = "spiffe://example.org/ns/pool/sa/busy";
 const CANCEL_ID: &str = "spiffe://example.org/ns/pool/sa/cancel";
+const EXPIRY_ID: &str = "spiffe://example.org/ns/pool/sa/expiry";
 
 const POOLED: &str = "pool = \"session\"\npool_size = 3\npool_idle_timeout = \"60s\"";
 
@@ -574,5 +575,53 @@ async fn concurrent_first_clients_share_one_lease_and_cancel_keys_follow_the_bac
         .unwrap();
     let error = result.expect_err("the sleep was cancelled");
     assert_eq!(error.code().map(|c| c.code()), Some("57014"), "{error:?}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_svid_expires_first_is_ended_then_and_the_pool_goes_on() {
+    let template = "p_expiry";
+    let proxy = pooled_proxy(&[template], &[EXPIRY_ID], false, "").await;
+    let long = proxy.svid(EXPIRY_ID);
+    let first = open(&proxy, &long, template).await;
+    let (first_pid, role) = first.who().await;
+
+    let mut params = common::pki::svid_params(EXPIRY_ID);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::seconds(3);
+    let short = proxy
+        .files
+        .svid_ca
+        .issue(format!("short svid {EXPIRY_ID}"), &params);
+    let brief = open(&proxy, &short, template).await;
+    let (brief_pid, brief_role) = brief.who().await;
+    assert_eq!(brief_role, role, "the same pool");
+    let started = Instant::now();
+    let error = tokio::time::timeout(
+        Duration::from_secs(10),
+        brief.client.simple_query("SELECT pg_sleep(30)"),
+    )
+    .await
+    .expect("the session ends when its SVID expires")
+    .expect_err("terminated");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(error.code().map(|c| c.code()), Some("57P01"), "{error:?}");
+    assert_eq!(
+        first.who().await,
+        (first_pid, role.clone()),
+        "the pool goes on"
+    );
+    let after = open(&proxy, &long, template).await;
+    let (after_pid, after_role) = after.who().await;
+    assert_eq!(after_role, role);
+    assert_ne!(
+        after_pid, brief_pid,
+        "the expired client's backend was not kept"
+    );
     proxy.shutdown().await;
 }
