@@ -29,7 +29,7 @@ use crate::session::front_door::{refuse, refuse_and_audit, Admitted, ClientStrea
 use crate::session::refusal::Refusal;
 use crate::session::services::Services;
 use crate::session::statements::StatementWatch;
-use crate::session::steps::{allow, greeting, mint, statement_watch, Request};
+use crate::session::steps::{allow, greeting, mint, statement_watch, ActiveSession, Request};
 
 /// One admitted client's session, step by step. Each step either hands the
 /// next one what it needs or says why the client is turned away.
@@ -182,22 +182,6 @@ async fn log_in(
         return Err(Refusal::Mint { upstream, source });
     }
     Ok(session)
-}
-
-/// Counts a relayed session in `ephemera_sessions_active` while it lives.
-struct ActiveSession;
-
-impl ActiveSession {
-    fn start() -> Self {
-        metrics::gauge!(crate::ops::telemetry::SESSIONS_ACTIVE).increment(1.0);
-        ActiveSession
-    }
-}
-
-impl Drop for ActiveSession {
-    fn drop(&mut self) {
-        metrics::gauge!(crate::ops::telemetry::SESSIONS_ACTIVE).decrement(1.0);
-    }
 }
 
 fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {

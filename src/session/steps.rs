@@ -184,3 +184,19 @@ pub(crate) fn decide(
         minor_version: startup.minor_version,
     })
 }
+
+/// Counts a relayed session in `ephemera_sessions_active` while it lives.
+pub(crate) struct ActiveSession;
+
+impl ActiveSession {
+    pub(crate) fn start() -> Self {
+        metrics::gauge!(crate::ops::telemetry::SESSIONS_ACTIVE).increment(1.0);
+        ActiveSession
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::ops::telemetry::SESSIONS_ACTIVE).decrement(1.0);
+    }
+}

@@ -20,7 +20,9 @@ use crate::session::protocol::sqlstate::ADMIN_SHUTDOWN;
 use crate::session::refusal::Refusal;
 use crate::session::relay::{Relayed, Unwatched};
 use crate::session::services::Services;
-use crate::session::steps::{greeting, mint, statement_watch, take_issue_token, Request};
+use crate::session::steps::{
+    greeting, mint, statement_watch, take_issue_token, ActiveSession, Request,
+};
 use crate::session::upstream;
 
 /// Serve one client of a pooled template, already allowed by the policy.
@@ -61,6 +63,7 @@ pub(crate) async fn run_pooled(
         services.upstream.connect_timeout,
     );
     let until = client_deadline(&services, lease, bound);
+    let _active = ActiveSession::start();
     let relayed = services
         .relay_threads
         .spawn(move |_| async move { serve(stream, backend, hello, watch, (reset, until)).await });
