@@ -25,6 +25,7 @@ const IDLE_ID: &str = "spiffe://example.org/ns/pool/sa/idle";
 const BUSY_ID: &str = "spiffe://example.org/ns/pool/sa/busy";
 const CANCEL_ID: &str = "spiffe://example.org/ns/pool/sa/cancel";
 const EXPIRY_ID: &str = "spiffe://example.org/ns/pool/sa/expiry";
+const AUDITED_ID: &str = "spiffe://example.org/ns/pool/sa/audited";
 
 const POOLED: &str = "pool = \"session\"\npool_size = 3\npool_idle_timeout = \"60s\"";
 
@@ -623,5 +624,53 @@ async fn a_client_whose_svid_expires_first_is_ended_then_and_the_pool_goes_on() 
         after_pid, brief_pid,
         "the expired client's backend was not kept"
     );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_sessions_are_audited_statement_by_statement() {
+    let template = "p_audited";
+    let mut options = ProxyOptions::templates(&[template]);
+    options.template_extra = format!("{POOLED}\naudit_statements = true");
+    let policy = format!("[[policy]]\nspiffe_id = \"{AUDITED_ID}\"\ntemplates = [\"{template}\"]");
+    let proxy = start_proxy_with_extra_config(options, &policy).await;
+    let cert = proxy.svid(AUDITED_ID);
+    let first = open(&proxy, &cert, template).await;
+    let (pid, _) = first.who().await;
+    first
+        .client
+        .simple_query("SELECT 'first client'")
+        .await
+        .unwrap();
+    first.close().await;
+    assert_eq!(session_end(&proxy, AUDITED_ID, 1).await, "backend_kept");
+    let second = open(&proxy, &cert, template).await;
+    assert_eq!(second.who().await.0, pid);
+    second
+        .client
+        .query("SELECT $1::text", &[&"second client"])
+        .await
+        .unwrap();
+    second.close().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let statements: Vec<String> = proxy
+            .files
+            .audit_events()
+            .into_iter()
+            .filter(|e| e["event"] == "statement" && e["identity"] == AUDITED_ID)
+            .filter_map(|e| e["statement"].as_str().map(str::to_owned))
+            .collect();
+        let wanted = ["SELECT 'first client'", "SELECT $1::text"];
+        if wanted.iter().all(|w| statements.iter().any(|s| s == w)) {
+            assert!(
+                !statements.iter().any(|s| s.contains("DISCARD")),
+                "the reset is Ephemera's, not a client's statement: {statements:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{statements:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     proxy.shutdown().await;
 }
