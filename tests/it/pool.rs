@@ -329,6 +329,15 @@ async fn revoke_by_identity_ends_every_pooled_backend_at_once_and_drops_the_role
         proxy.admin_addr.unwrap(),
         &proxy.svid(ADMIN_ID),
     );
+    let text = admin.metrics().await.expect("metrics");
+    for line in [
+        "ephemera_pool_hits_total{template=\"p_revoke\"}",
+        "ephemera_pool_misses_total{template=\"p_revoke\"}",
+        "ephemera_pool_backends_idle{template=\"p_revoke\"} 1",
+        "ephemera_pool_backends_active{template=\"p_revoke\"} 2",
+    ] {
+        assert!(text.contains(line), "{line} missing from /metrics:\n{text}");
+    }
     let started = Instant::now();
     let revoked = admin
         .revoke(RevokeRequest {
