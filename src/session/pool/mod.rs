@@ -41,10 +41,32 @@ const SWEEP_TICK: Duration = Duration::from_millis(250);
 /// of these.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
+    /// How the identity was proven ([`PoolKey::proof`]): an SVID and a
+    /// token that print as the same string are not the same client.
+    pub proof: String,
     pub identity: String,
     pub subject: Option<String>,
     pub template: String,
     pub database: String,
+}
+
+impl PoolKey {
+    /// How `principal` proved who it is: its SVID, a token of an issuer,
+    /// or an agent (by SVID or `act` claim) for a token of an issuer.
+    pub fn proof(principal: &crate::identity::Principal) -> String {
+        use crate::identity::{Actor, Principal};
+        match principal {
+            Principal::Svid(_) => "svid".into(),
+            Principal::Token(token) => format!("token:{}", token.issuer),
+            Principal::OnBehalf(on_behalf) => {
+                let actor = match on_behalf.actor {
+                    Actor::Svid(_) => "svid",
+                    Actor::Act(_) => "act",
+                };
+                format!("{actor}-for-token:{}", on_behalf.subject.issuer)
+            }
+        }
+    }
 }
 
 /// Every pool of this process.

@@ -203,6 +203,7 @@ async fn join_pool(
     bound: Option<Bound>,
 ) -> Result<Member, Refusal> {
     let key = PoolKey {
+        proof: PoolKey::proof(identity),
         identity: identity.as_str().to_owned(),
         subject: identity.subject().map(str::to_owned),
         template: request.template.clone(),
