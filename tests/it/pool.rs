@@ -26,6 +26,7 @@ const BUSY_ID: &str = "spiffe://example.org/ns/pool/sa/busy";
 const CANCEL_ID: &str = "spiffe://example.org/ns/pool/sa/cancel";
 const EXPIRY_ID: &str = "spiffe://example.org/ns/pool/sa/expiry";
 const AUDITED_ID: &str = "spiffe://example.org/ns/pool/sa/audited";
+const DEAD_ID: &str = "spiffe://example.org/ns/pool/sa/dead";
 
 const POOLED: &str = "pool = \"session\"\npool_size = 3\npool_idle_timeout = \"60s\"";
 
@@ -181,6 +182,9 @@ async fn one_identity_reuses_its_backend_and_role_and_nobody_else_sees_them() {
     let again = open(&proxy, &a, template).await;
     assert_eq!(again.who().await, (pid, role.clone()));
     again.close().await;
+    // Its session_end (the fifth of SHARE_A's, two of them on the other
+    // template) is written after everything asserted below.
+    session_end(&proxy, SHARE_A, 5).await;
 
     let events = proxy.files.audit_events();
     let issued = events
@@ -681,5 +685,28 @@ async fn pooled_sessions_are_audited_statement_by_statement() {
         assert!(Instant::now() < deadline, "{statements:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_backend_postgresql_closed_is_never_lent() {
+    let template = "p_dead";
+    let proxy = pooled_proxy(&[template], &[DEAD_ID], false, "").await;
+    let cert = proxy.svid(DEAD_ID);
+    let first = open(&proxy, &cert, template).await;
+    let (pid, role) = first.who().await;
+    first.close().await;
+    assert_eq!(session_end(&proxy, DEAD_ID, 1).await, "backend_kept");
+    let superuser = common::cluster().superuser("postgres").await;
+    let pid_number: i32 = pid.parse().unwrap();
+    superuser
+        .execute("SELECT pg_terminate_backend($1, 5000)", &[&pid_number])
+        .await
+        .unwrap();
+    let next = open(&proxy, &cert, template).await;
+    let (next_pid, next_role) = next.who().await;
+    assert_ne!(next_pid, pid, "a new backend");
+    assert_eq!(next_role, role, "of the same pool");
+    next.close().await;
     proxy.shutdown().await;
 }

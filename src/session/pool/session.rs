@@ -225,31 +225,57 @@ async fn join_pool(
     Ok(member)
 }
 
-/// A backend for the client: an idle one, or one logged in now.
+/// A backend for the client: an idle one that still answers, or one
+/// logged in now.
 async fn backend(
     services: &Services,
     pool: &Member,
     request: &Request,
 ) -> Result<Backend, Refusal> {
-    let Some(lent) = pool.lend(&request.forwarded).await else {
-        return Err(Refusal::PoolExhausted {
-            template: request.template.clone(),
-            size: pool.settings().size,
-            wait: humantime::format_duration(pool.settings().wait).to_string(),
-        });
-    };
-    match lent {
-        Lent::Idle(backend) => Ok(backend),
-        Lent::New => match log_in(services, pool, request).await {
-            Ok(backend) => {
-                pool.opened();
-                Ok(backend)
+    loop {
+        let Some(lent) = pool.lend(&request.forwarded).await else {
+            return Err(Refusal::PoolExhausted {
+                template: request.template.clone(),
+                size: pool.settings().size,
+                wait: humantime::format_duration(pool.settings().wait).to_string(),
+            });
+        };
+        return match lent {
+            Lent::Idle(backend) => {
+                match answers(backend, services.upstream.connect_timeout).await {
+                    Some(backend) => Ok(backend),
+                    None => {
+                        // PostgreSQL closed it while idle (a restart,
+                        // idle_session_timeout, pg_terminate_backend).
+                        pool.give_back(None);
+                        continue;
+                    }
+                }
             }
-            Err(refusal) => {
-                pool.slot_freed();
-                Err(refusal)
-            }
-        },
+            Lent::New => match log_in(services, pool, request).await {
+                Ok(backend) => {
+                    pool.opened();
+                    Ok(backend)
+                }
+                Err(refusal) => {
+                    pool.slot_freed();
+                    Err(refusal)
+                }
+            },
+        };
+    }
+}
+
+/// An idle backend, if it still answers an empty query (one round trip;
+/// it also reads away anything the server said while it was idle).
+async fn answers(mut backend: Backend, timeout: Duration) -> Option<Backend> {
+    backend.stream = backend.stream.rebind().ok()?;
+    match backend.reset("", 0, timeout).await {
+        Ok(()) => Some(backend),
+        Err(error) => {
+            tracing::info!(upstream_pid = backend.key.pid, %error, "an idle pooled backend no longer answers; closed");
+            None
+        }
     }
 }
 
