@@ -281,6 +281,14 @@ impl Env {
         )
     }
 
+    /// The pooled template through the first Ephemera (TLS upstream).
+    pub fn ephemera_pooled_conninfo(&self) -> String {
+        self.svid_conninfo(self.eph_port).replace(
+            &format!("user={TEMPLATE} "),
+            &format!("user={TEMPLATE_POOLED} "),
+        )
+    }
+
     /// The same through the second Ephemera (Unix-socket upstream).
     pub fn ephemera_unix_conninfo(&self) -> String {
         self.svid_conninfo(self.eph_unix_port)

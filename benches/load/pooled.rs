@@ -1,14 +1,15 @@
 //! Scenario 4b, pooled leases (issue 17): a new connection per transaction
 //! through a pooled template (`bench_pooled`, `pool = "session"`) against
-//! direct TLS + SCRAM: the connect storm's rate, connect-to-first-row with
-//! a warm pool, and the roles left once the pool has idled out.
+//! direct TLS + SCRAM: connect-to-first-row with a warm pool, `pgbench -C
+//! -S` (against PgBouncer too), the connect storm's rate, and the roles
+//! left once the pool has idled out.
 
 use std::time::{Duration, Instant};
 
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::env::{Env, Error, TEMPLATE_POOLED};
-use crate::scenarios::{first_row, ratio};
+use crate::scenarios::{first_row, ratio, run_pgbench_with};
 use crate::stats::{ms, Summary};
 use crate::{Options, Report, Row};
 
@@ -85,6 +86,7 @@ pub async fn pooled(env: &Env, options: &Options, report: &mut Report) -> Result
         target: "≤ 0.3× direct".into(),
         met: Some(ms(pooled.p50) <= 0.3 * ms(direct.p50)),
     });
+    new_connection_per_transaction(env, options, report)?;
     eprintln!(
         "load: pooled storm ×{c}, {} s, direct then pooled",
         duration.as_secs()
@@ -108,6 +110,56 @@ pub async fn pooled(env: &Env, options: &Options, report: &mut Report) -> Result
         ),
         target: "≥ 5× direct, ≥ 1000/s, 0 roles left".into(),
         met: Some(p >= 5.0 * d && p >= 1000.0 && left == 0),
+    });
+    Ok(())
+}
+
+/// `pgbench -C -S -c 8`: a new connection per transaction, direct, through
+/// the pooled template and through PgBouncer (session mode, TLS to it).
+fn new_connection_per_transaction(
+    env: &Env,
+    options: &Options,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let secs = options.pgbench_secs;
+    let password = Some(env.direct_password.as_str());
+    eprintln!("load: pooled, pgbench -C -S -c 8, {secs} s per mode");
+    let direct = run_pgbench_with(
+        env,
+        &env.direct_conninfo("verify-full"),
+        password,
+        &["-C", "-S"],
+        secs,
+    )?;
+    let pooled = run_pgbench_with(
+        env,
+        &env.ephemera_pooled_conninfo(),
+        None,
+        &["-C", "-S"],
+        secs,
+    )?;
+    let bouncer = match env.pgbouncer {
+        Some(_) => Some(run_pgbench_with(
+            env,
+            &env.pgbouncer_conninfo("verify-full"),
+            password,
+            &["-C", "-S"],
+            secs,
+        )?),
+        None => None,
+    };
+    let bouncer_tps = bouncer.map(|b| b.tps);
+    report.row(Row {
+        scenario: "4b. pgbench -C -S -c 8 (a new connection per transaction), pooled".into(),
+        direct: format!("{:.0} tps", direct.tps),
+        ephemera: format!("{:.0} tps", pooled.tps),
+        ratio: ratio(pooled.tps, direct.tps),
+        other: match bouncer_tps {
+            Some(tps) => format!("PgBouncer (session, TLS): {tps:.0} tps"),
+            None => "PgBouncer not installed".into(),
+        },
+        target: "≥ 5× direct, ahead of PgBouncer".into(),
+        met: Some(pooled.tps >= 5.0 * direct.tps && bouncer_tps.is_none_or(|b| pooled.tps > b)),
     });
     Ok(())
 }
