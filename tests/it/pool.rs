@@ -27,6 +27,7 @@ const CANCEL_ID: &str = "spiffe://example.org/ns/pool/sa/cancel";
 const EXPIRY_ID: &str = "spiffe://example.org/ns/pool/sa/expiry";
 const AUDITED_ID: &str = "spiffe://example.org/ns/pool/sa/audited";
 const DEAD_ID: &str = "spiffe://example.org/ns/pool/sa/dead";
+const VANISH_ID: &str = "spiffe://example.org/ns/pool/sa/vanish";
 
 const POOLED: &str = "pool = \"session\"\npool_size = 3\npool_idle_timeout = \"60s\"";
 
@@ -707,6 +708,29 @@ async fn an_idle_backend_postgresql_closed_is_never_lent() {
     let (next_pid, next_role) = next.who().await;
     assert_ne!(next_pid, pid, "a new backend");
     assert_eq!(next_role, role, "of the same pool");
+    next.close().await;
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_while_idle_gives_its_backend_back() {
+    let template = "p_vanish";
+    let proxy = pooled_proxy(&[template], &[VANISH_ID], false, "").await;
+    let cert = proxy.svid(VANISH_ID);
+    let crashing = open(&proxy, &cert, template).await;
+    let (pid, role) = crashing.who().await;
+    crashing
+        .client
+        .batch_execute("SET statement_timeout = '4242s'")
+        .await
+        .unwrap();
+    // Its connection dies without a Terminate (a crash): the backend was
+    // idle, so it is reset and kept all the same.
+    crashing.cut().await;
+    assert_eq!(session_end(&proxy, VANISH_ID, 1).await, "backend_kept");
+    let next = open(&proxy, &cert, template).await;
+    assert_eq!(next.who().await, (pid, role));
+    assert_eq!(next.text("SHOW statement_timeout").await, "0");
     next.close().await;
     proxy.shutdown().await;
 }

@@ -207,8 +207,9 @@ pub struct Ended {
     pub seen: Seen,
 }
 
-/// Relay until the client leaves (`Terminate` or end of stream: the
-/// backend is kept open) or the server closes (the client is closed).
+/// Relay until the client leaves (`Terminate`, end of stream, or its
+/// connection failing: the backend is kept open) or the server closes
+/// (the client is closed). Errors are the server side's.
 pub async fn relay_pooled<C, U, W>(
     client: &mut C,
     upstream: &mut U,
@@ -229,10 +230,15 @@ where
             b.len()
         });
         let client_turn = watch.poll_client_turn(cx).is_ready();
-        if let Poll::Ready(done) = server_side {
-            done?;
-            ready!(Pin::new(&mut *client).poll_shutdown(cx)).ok();
-            return Poll::Ready(Ok::<bool, io::Error>(true));
+        match server_side {
+            Poll::Ready(Ok(())) => {
+                ready!(Pin::new(&mut *client).poll_shutdown(cx)).ok();
+                return Poll::Ready(Ok::<bool, io::Error>(true));
+            }
+            // Writing to the client failed: it is gone, not the server.
+            Poll::Ready(Err(_)) if !down.read_failed => return Poll::Ready(Ok(false)),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
         }
         if client_turn {
             let client_side = up.poll_copy(cx, &mut *client, &mut *upstream, |b| {
@@ -240,9 +246,13 @@ where
                 watch.client_bytes(&b[..keep]);
                 keep
             });
-            if let Poll::Ready(done) = client_side {
-                done?;
-                return Poll::Ready(Ok(false));
+            match client_side {
+                // The client left: `Terminate`, end of stream, or a
+                // connection that failed (a crash, a reset).
+                Poll::Ready(Ok(())) => return Poll::Ready(Ok(false)),
+                Poll::Ready(Err(_)) if up.read_failed => return Poll::Ready(Ok(false)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
             }
         }
         Poll::Pending
@@ -265,6 +275,8 @@ struct Direction {
     pos: usize,
     filled: usize,
     read_done: bool,
+    /// The reader failed (rather than the writer).
+    read_failed: bool,
     need_flush: bool,
     total: u64,
 }
@@ -276,6 +288,7 @@ impl Direction {
             pos: 0,
             filled: 0,
             read_done: false,
+            read_failed: false,
             need_flush: false,
             total: 0,
         }
@@ -309,7 +322,10 @@ impl Direction {
                             self.filled = keep;
                         }
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => {
+                        self.read_failed = true;
+                        return Poll::Ready(Err(e));
+                    }
                     Poll::Pending => {
                         if self.need_flush {
                             ready!(Pin::new(&mut *writer).poll_flush(cx))?;
