@@ -4,8 +4,9 @@
 //!
 //! * [`Pools`] finds a client's pool, or mints its lease (`session.rs`).
 //! * A [`Pool`] lends a client an idle backend with the same startup
-//!   parameters (a hit: no mint, no login), or a slot to log in a new one
-//!   (a miss), or makes it wait up to `pool_wait`.
+//!   parameters (a hit: no mint, no login; it must answer an empty query
+//!   first), or a slot to log in a new one (a miss), or makes it wait up
+//!   to `pool_wait`.
 //! * `relay.rs` relays a pooled client, framed (type and length only), and
 //!   says at its end whether the backend may be reset (`backend.rs`) and
 //!   given back.
