@@ -240,6 +240,13 @@ impl Engine for Engines {
         self.by_name(lease.engine)?.close_login(lease).await
     }
 
+    async fn reopen_login(
+        &self,
+        lease: &Lease,
+    ) -> Result<ephemera_engine::UpstreamLogin, EngineError> {
+        self.by_name(lease.engine)?.reopen_login(lease).await
+    }
+
     async fn claim_token_use(
         &self,
         template: &str,

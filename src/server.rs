@@ -232,6 +232,7 @@ impl Server {
             refusal_events: crate::ops::limits::RefusalEvents::default(),
             relay_threads: Workers::start(WorkerLoad::new(settings.workers))
                 .map_err(ServeError::Workers)?,
+            pools: Arc::default(),
         });
         let admin = match (settings.admin, admin_listener) {
             (Some(admin), Some(listener)) => Some(AdminServer::new(
@@ -313,6 +314,10 @@ impl Server {
         let leases = services.leases.clone();
         background.spawn(supervise("reaper", move || {
             leases.clone().run_reaper(reaper_interval)
+        }));
+        let (pools, leases) = (services.pools.clone(), services.leases.clone());
+        background.spawn(supervise("pool sweeper", move || {
+            pools.clone().run_sweeper(leases.clone())
         }));
         if let Some(admin) = admin {
             let admin = Arc::new(admin);

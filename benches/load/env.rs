@@ -29,6 +29,8 @@ pub const DATABASE: &str = "bench";
 pub const TEMPLATE: &str = "bench";
 /// The same template with statement audit (issue 19).
 pub const TEMPLATE_AUDITED: &str = "bench_audited";
+/// A pooled template (`pool = "session"`), for the `pooled` scenario.
+pub const TEMPLATE_POOLED: &str = "bench_pooled";
 pub const GROUP: &str = "bench_rw";
 pub const DIRECT_USER: &str = "bench_user";
 pub const ADMIN_USER: &str = "ephemera_admin";
@@ -115,6 +117,8 @@ pub struct Clients {
     pub ephemera: tokio_postgres::Config,
     /// The same, through the second Ephemera (Unix-socket upstream).
     pub ephemera_unix: tokio_postgres::Config,
+    /// As the pooled template `bench_pooled` with the SVID, through Ephemera.
+    pub ephemera_pooled: tokio_postgres::Config,
     /// The superuser, for setup and for looking at `pg_roles`.
     pub superuser: tokio_postgres::Config,
     /// Ephemera's admin role (CREATEROLE), for the Vault-style flow.
@@ -274,6 +278,14 @@ impl Env {
         self.svid_conninfo(self.eph_port).replace(
             &format!("user={TEMPLATE} "),
             &format!("user={TEMPLATE_AUDITED} "),
+        )
+    }
+
+    /// The pooled template through the first Ephemera (TLS upstream).
+    pub fn ephemera_pooled_conninfo(&self) -> String {
+        self.svid_conninfo(self.eph_port).replace(
+            &format!("user={TEMPLATE} "),
+            &format!("user={TEMPLATE_POOLED} "),
         )
     }
 
@@ -584,6 +596,7 @@ pub fn prepare(rt: &tokio::runtime::Runtime, keep: bool) -> Result<Env, Error> {
         direct: base_config(pg_port, DIRECT_USER, Some(&direct_password)),
         ephemera: base_config(eph_port, TEMPLATE, None),
         ephemera_unix: base_config(eph_unix_port, TEMPLATE, None),
+        ephemera_pooled: base_config(eph_port, TEMPLATE_POOLED, None),
         superuser,
         admin,
     };
@@ -772,11 +785,20 @@ database = "{DATABASE}"
 member_of = ["{GROUP}"]
 audit_statements = true
 
+[templates.{TEMPLATE_POOLED}]
+database = "{DATABASE}"
+member_of = ["{GROUP}"]
+pool = "session"
+pool_size = {pooled_size}
+pool_idle_timeout = "2s"
+
 [[policy]]
 spiffe_id = "{app_id}"
-templates = ["{TEMPLATE}", "{TEMPLATE_AUDITED}"]
+templates = ["{TEMPLATE}", "{TEMPLATE_AUDITED}", "{TEMPLATE_POOLED}"]
 "#,
         pool_size = std::env::var("EPHEMERA_BENCH_POOL_SIZE").unwrap_or_else(|_| "4".into()),
+        // The pooled template: a backend per storm loop.
+        pooled_size = std::env::var("EPHEMERA_BENCH_POOLED_SIZE").unwrap_or_else(|_| "32".into()),
         // Session threads (default: one per core).
         workers = std::env::var("EPHEMERA_BENCH_WORKERS")
             .map(|n| format!("workers = {n}"))

@@ -21,6 +21,7 @@
 mod env;
 mod floor;
 mod perf;
+mod pooled;
 mod relay;
 mod scenarios;
 mod stats;
@@ -32,8 +33,8 @@ use std::time::Instant;
 
 use stats::CpuSplit;
 
-pub const ALL_SCENARIOS: [&str; 8] = [
-    "memory", "connect", "pgbench", "relay", "copy", "storm", "revoke", "reaper",
+pub const ALL_SCENARIOS: [&str; 9] = [
+    "memory", "connect", "pgbench", "relay", "copy", "storm", "pooled", "revoke", "reaper",
 ];
 
 #[derive(Debug, Clone)]
@@ -327,6 +328,7 @@ fn main() {
                     "relay" => relay::relay(env_ref, opts, rep).await,
                     "copy" => scenarios::copy(env_ref, opts, rep).await,
                     "storm" => scenarios::storm(env_ref, opts, rep).await,
+                    "pooled" => pooled::pooled(env_ref, opts, rep).await,
                     "revoke" => scenarios::revoke(env_ref, opts, rep).await,
                     "reaper" => scenarios::reaper(env_ref, opts, rep).await,
                     _ => unreachable!("checked in Options::from_env"),

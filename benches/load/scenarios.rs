@@ -38,7 +38,7 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Connect with `config`, run `SELECT 1`, return the time from `start` to
 /// the first row, then close the session.
-async fn first_row(
+pub async fn first_row(
     config: &tokio_postgres::Config,
     tls: &MakeRustlsConnect,
     start: Instant,
@@ -417,11 +417,21 @@ fn run_pgbench(
     select_only: bool,
     secs: u64,
 ) -> Result<PgbenchResult, Error> {
+    let extra: &[&str] = if select_only { &["-S"] } else { &[] };
+    run_pgbench_with(env, conninfo, password, extra, secs)
+}
+
+/// `pgbench -n -c 8 -j 2 -T secs <extra> conninfo`.
+pub fn run_pgbench_with(
+    env: &Env,
+    conninfo: &str,
+    password: Option<&str>,
+    extra: &[&str],
+    secs: u64,
+) -> Result<PgbenchResult, Error> {
     let mut command = Command::new(env.bin_dir.join("pgbench"));
     command.args(["-n", "-c", "8", "-j", "2", "-T", &secs.to_string()]);
-    if select_only {
-        command.arg("-S");
-    }
+    command.args(extra);
     command.arg(conninfo);
     if let Some(p) = password {
         command.env("PGPASSWORD", p);

@@ -77,6 +77,23 @@ pub struct TemplateSettings {
     pub max_ttl: Duration,
     /// Statement audit (`audit_statements`); `None`: off.
     pub statement_audit: Option<StatementAuditSettings>,
+    /// Pooled leases (`pool = "session"`); `None`: a credential per
+    /// connection.
+    pub pool: Option<PoolSettings>,
+}
+
+/// A pooled template's pool (`pool = "session"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Upstream backends per pool at most (`pool_size`), and the role's
+    /// `CONNECTION LIMIT`.
+    pub size: u32,
+    /// An idle backend is closed after this (`pool_idle_timeout`).
+    pub idle_timeout: Duration,
+    /// How long a client waits for a backend (`pool_wait`).
+    pub wait: Duration,
+    /// Sent to a backend before the next client gets it (`reset_query`).
+    pub reset_query: String,
 }
 
 /// How a template's sessions are audited statement by statement.

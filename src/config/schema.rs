@@ -227,11 +227,27 @@ pub struct TemplateSection {
     /// `"block"` (the session waits for the audit queue) or `"drop"`.
     #[serde(default = "defaults::audit_overflow")]
     pub audit_overflow: String,
+    /// `"none"` (a credential per connection) or `"session"` (one lease
+    /// per identity, template and database, its backends reused).
+    #[serde(default = "defaults::pool")]
+    pub pool: String,
+    /// Upstream backends of one pool at most.
+    #[serde(default = "defaults::template_pool_size")]
+    pub pool_size: u32,
+    /// An idle backend is closed after this; the lease ends with its pool.
+    #[serde(default = "defaults::pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// How long a client waits for a backend when all are busy.
+    #[serde(default = "defaults::pool_wait", with = "humantime_serde")]
+    pub pool_wait: Duration,
+    /// What makes a backend clean for the next client.
+    #[serde(default = "defaults::reset_query")]
+    pub reset_query: String,
 }
 
 impl TemplateSection {
     /// The keys [`TemplateSection`] reads; the rest go to the engine.
-    pub const KEYS: [&'static str; 8] = [
+    pub const KEYS: [&'static str; 13] = [
         "engine",
         "database",
         "ttl",
@@ -240,6 +256,11 @@ impl TemplateSection {
         "audit_statement_max_bytes",
         "audit_parameters",
         "audit_overflow",
+        "pool",
+        "pool_size",
+        "pool_idle_timeout",
+        "pool_wait",
+        "reset_query",
     ];
 }
 
@@ -282,6 +303,22 @@ mod defaults {
 
     pub fn audit_overflow() -> String {
         "block".into()
+    }
+
+    pub fn pool() -> String {
+        "none".into()
+    }
+    pub fn template_pool_size() -> u32 {
+        10
+    }
+    pub fn pool_idle_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn pool_wait() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn reset_query() -> String {
+        "DISCARD ALL".into()
     }
 
     pub fn engine() -> String {

@@ -236,6 +236,12 @@ impl LeaseManager {
         })
     }
 
+    /// Whether session leases end with their client certificate
+    /// (`lease.bind_to_svid`).
+    pub fn binds_svid(&self) -> bool {
+        self.bind_to_svid
+    }
+
     pub fn audit(&self) -> &AuditLog {
         &self.audit
     }
@@ -287,6 +293,7 @@ impl LeaseManager {
             client_addr,
             ttl: settings.ttl,
             max_expires_at,
+            connection_limit: settings.pool.as_ref().map(|pool| pool.size),
         };
         let started = std::time::Instant::now();
         let credential = self.engine.issue(request).await?;
@@ -398,6 +405,18 @@ impl LeaseManager {
     /// may log in as it again (see [`Engine::close_login`]).
     pub async fn close_login(&self, lease: &Lease) -> Result<(), EngineError> {
         self.engine.close_login(lease).await
+    }
+
+    /// A pooled lease needs another backend: open its login window again
+    /// for one login (see [`Engine::reopen_login`]).
+    pub async fn reopen_login(&self, lease: &Lease) -> Result<UpstreamLogin, EngineError> {
+        self.engine.reopen_login(lease).await
+    }
+
+    /// Whether the lease is still live here (not ended by revocation,
+    /// expiry or policy).
+    pub fn is_active(&self, id: LeaseId) -> bool {
+        self.lock().active.contains_key(&id)
     }
 
     /// Record a successful login as the lease's role (for the audit trail),

@@ -203,6 +203,7 @@ pub(super) fn rules() -> Rules {
             ttl: TTL,
             max_ttl: MAX_TTL,
             statement_audit: None,
+            pool: None,
         },
     )]);
     let rule = PolicyRule {
@@ -241,6 +242,7 @@ fn settings() -> TemplateSettings {
         ttl: TTL,
         max_ttl: MAX_TTL,
         statement_audit: None,
+        pool: None,
     }
 }
 

@@ -53,6 +53,12 @@ pub enum AuditKind {
     PreparedTransactionRolledBack,
     /// A statement a session ran and its outcome (`audit_statements`).
     Statement,
+    /// A client of a pooled lease began its session (`client_addr`: its
+    /// own address).
+    SessionStart,
+    /// A client of a pooled lease ended its session (`reason`: whether its
+    /// backend went back to the pool).
+    SessionEnd,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -40,6 +40,13 @@ pub const AUDIT_EVENTS_DROPPED: &str = "ephemera_audit_events_dropped_total";
 pub const AUDIT_STATEMENTS: &str = "ephemera_audit_statements_total";
 pub const AUDIT_STATEMENTS_DROPPED: &str = "ephemera_audit_statements_dropped_total";
 pub const WORKER_CONNECTIONS: &str = "ephemera_worker_connections_total";
+pub const POOL_HITS: &str = "ephemera_pool_hits_total";
+pub const POOL_MISSES: &str = "ephemera_pool_misses_total";
+pub const POOL_WAITS: &str = "ephemera_pool_waits_total";
+pub const POOL_WAIT_TIMEOUTS: &str = "ephemera_pool_wait_timeouts_total";
+pub const POOL_BACKENDS_IDLE: &str = "ephemera_pool_backends_idle";
+pub const POOL_BACKENDS_ACTIVE: &str = "ephemera_pool_backends_active";
+pub const POOL_RESETS_FAILED: &str = "ephemera_pool_resets_failed_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -72,6 +79,31 @@ pub fn prometheus() -> PrometheusHandle {
 }
 
 fn describe() {
+    metrics::describe_counter!(
+        POOL_HITS,
+        "Pooled clients given an idle backend (no mint, no login), by template"
+    );
+    metrics::describe_counter!(
+        POOL_MISSES,
+        "Pooled clients that needed a new backend, by template"
+    );
+    metrics::describe_counter!(
+        POOL_WAITS,
+        "Pooled clients that waited for a busy pool, by template"
+    );
+    metrics::describe_counter!(
+        POOL_WAIT_TIMEOUTS,
+        "Pooled clients refused with 53300 after pool_wait, by template"
+    );
+    metrics::describe_gauge!(POOL_BACKENDS_IDLE, "Pooled backends idle now, by template");
+    metrics::describe_gauge!(
+        POOL_BACKENDS_ACTIVE,
+        "Pooled backends serving a client now, by template"
+    );
+    metrics::describe_counter!(
+        POOL_RESETS_FAILED,
+        "Pooled backends closed because their reset failed, by template"
+    );
     metrics::describe_gauge!(SESSIONS_ACTIVE, "Relayed sessions open now");
     metrics::describe_gauge!(LEASES_ACTIVE, "Leases this process holds now");
     metrics::describe_counter!(LEASES_ISSUED, "Leases issued");

@@ -7,12 +7,14 @@
 pub mod cancel;
 pub mod front_door;
 pub mod handoff;
+pub mod pool;
 pub mod protocol;
 pub mod quiet_socket;
 pub mod refusal;
 pub mod relay;
 pub mod services;
 pub mod statements;
+mod steps;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -21,33 +23,13 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use crate::config::{Rules, TemplateSettings};
 use crate::identity::Principal;
-use crate::leases::{Bound, EndReason, SessionLease};
-use crate::ops::audit::AuditEvent;
-use crate::policy::Decision;
+use crate::leases::{EndReason, SessionLease};
 use crate::session::front_door::{refuse, refuse_and_audit, Admitted, ClientStream};
-use crate::session::protocol::{
-    authentication_ok, backend_key_data, negotiate_protocol_version, CancelKey, StartupRequest,
-};
 use crate::session::refusal::Refusal;
 use crate::session::services::Services;
 use crate::session::statements::StatementWatch;
-
-/// Startup parameters Ephemera decides itself; everything else is passed on.
-const OWNED_PARAMETERS: [&str; 3] = ["user", "database", "replication"];
-
-/// What the startup packet asks for, once the policy has allowed it.
-struct Request {
-    template: String,
-    database: String,
-    settings: TemplateSettings,
-    /// Parameters to pass to the upstream (application_name, options, …).
-    forwarded: Vec<(String, String)>,
-    /// `_pq_.` protocol options we do not support, to report to the client.
-    unsupported_options: Vec<String>,
-    minor_version: u16,
-}
+use crate::session::steps::{allow, greeting, mint, statement_watch, ActiveSession, Request};
 
 /// One admitted client's session, step by step. Each step either hands the
 /// next one what it needs or says why the client is turned away.
@@ -77,6 +59,10 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
         let template = Some(request.template.clone());
         return refuse_and_audit(&services, stream, refusal, peer, who, template).await;
     }
+    if let Some(pool) = request.settings.pool.clone() {
+        let request = (request, pool);
+        return pool::session::run_pooled(services, identity, request, stream, peer, bound).await;
+    }
     let mut lease = match mint(&services, &identity, &request, peer, bound).await {
         Ok(lease) => lease,
         Err(refusal) => return refuse(stream, refusal, peer).await,
@@ -86,7 +72,12 @@ pub async fn run(services: Arc<Services>, admitted: Admitted, peer: SocketAddr) 
         Err(refusal) => return refuse(stream, refusal, peer).await,
     };
     let cancel = services.cancels.register(session.backend_key);
-    let hello = greeting(&session, &request, cancel.client_key());
+    let hello = greeting(
+        &session.greeting,
+        &session.ready_for_query,
+        &request,
+        cancel.client_key(),
+    );
     log_session(&lease, peer, "session started");
     services.leases.logged_in(lease.lease(), lease.login());
     let _active = ActiveSession::start();
@@ -136,39 +127,6 @@ async fn greet_and_relay(
     })
 }
 
-/// The statement audit's watch, for templates with `audit_statements`.
-fn statement_watch(
-    services: &Services,
-    request: &Request,
-    lease: &ephemera_engine::Lease,
-) -> Option<StatementWatch> {
-    let settings = request.settings.statement_audit.as_ref()?;
-    let queue = services.leases.audit().statement_queue()?;
-    let base = AuditEvent::lease(crate::ops::audit::AuditKind::Statement, lease);
-    Some(StatementWatch::new(settings, base, queue))
-}
-
-/// The policy and the identity's issue rate: may this session have a
-/// credential? A refusal comes with the template asked for, for the audit.
-fn allow(
-    services: &Services,
-    identity: &Principal,
-    startup: StartupRequest,
-) -> Result<Request, (Refusal, Option<String>)> {
-    let requested_template = startup.parameters.get("user").cloned();
-    let request =
-        decide(&services.rules(), identity, startup).map_err(|r| (r, requested_template))?;
-    if !services.issue_limiter.try_take(identity.as_str()) {
-        let refusal = Refusal::RateLimited {
-            identity: identity.to_string(),
-            rate: services.issue_limiter.rate(),
-            burst: services.issue_limiter.burst(),
-        };
-        return Err((refusal, Some(request.template)));
-    }
-    Ok(request)
-}
-
 /// A `single_use` issuer's token opens one lease, across replicas: its
 /// use is recorded in the database before anything is minted.
 async fn claim_single_use(
@@ -196,30 +154,6 @@ async fn claim_single_use(
             source,
         }),
     }
-}
-
-/// Have the engine make the session's credential (its lease).
-async fn mint(
-    services: &Arc<Services>,
-    identity: &Principal,
-    request: &Request,
-    peer: SocketAddr,
-    bound: Option<Bound>,
-) -> Result<SessionLease, Refusal> {
-    let issued = services
-        .leases
-        .issue_session(identity, &request.template, &request.settings, peer, bound)
-        .await;
-    issued.map_err(|source| {
-        services.leases.audit().record(AuditEvent::issue_failed(
-            identity.to_string(),
-            request.template.clone(),
-            peer,
-            source.to_string(),
-        ));
-        let upstream = services.upstream.address();
-        Refusal::Mint { upstream, source }
-    })
 }
 
 /// Log in upstream as the credential, then close its login window: a
@@ -250,42 +184,6 @@ async fn log_in(
     Ok(session)
 }
 
-/// What tells the client it is in: what PostgreSQL said at login, with our
-/// own cancel key in place of the backend's.
-fn greeting(
-    session: &upstream::UpstreamSession,
-    request: &Request,
-    cancel_key: CancelKey,
-) -> BytesMut {
-    let mut hello = BytesMut::with_capacity(session.greeting.len() + 64);
-    if request.minor_version != 0 || !request.unsupported_options.is_empty() {
-        hello.extend_from_slice(&negotiate_protocol_version(
-            request.unsupported_options.clone(),
-        ));
-    }
-    hello.extend_from_slice(&authentication_ok());
-    hello.extend_from_slice(&session.greeting);
-    hello.extend_from_slice(&backend_key_data(cancel_key));
-    hello.extend_from_slice(&session.ready_for_query);
-    hello
-}
-
-/// Counts a relayed session in `ephemera_sessions_active` while it lives.
-struct ActiveSession;
-
-impl ActiveSession {
-    fn start() -> Self {
-        metrics::gauge!(crate::ops::telemetry::SESSIONS_ACTIVE).increment(1.0);
-        ActiveSession
-    }
-}
-
-impl Drop for ActiveSession {
-    fn drop(&mut self) {
-        metrics::gauge!(crate::ops::telemetry::SESSIONS_ACTIVE).decrement(1.0);
-    }
-}
-
 fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {
     let lease = lease.lease();
     tracing::info!(
@@ -293,61 +191,4 @@ fn log_session(lease: &SessionLease, peer: SocketAddr, what: &str) {
         subject = lease.subject.as_deref().unwrap_or("-"), template = %lease.template,
         role = %lease.role, database = %lease.database, client_addr = %peer, "{what}"
     );
-}
-
-/// Apply the policy to what the startup packet asks for.
-fn decide(
-    rules: &Rules,
-    identity: &Principal,
-    startup: StartupRequest,
-) -> Result<Request, Refusal> {
-    let mut parameters = startup.parameters;
-    if let Some(replication) = parameters.get("replication") {
-        if !matches!(replication.as_str(), "false" | "off" | "no" | "0") {
-            return Err(Refusal::Replication);
-        }
-    }
-    let template = parameters.remove("user").unwrap_or_default();
-    if template.is_empty() {
-        return Err(Refusal::NoTemplate {
-            identity: identity.to_string(),
-            allowed: rules.policy.templates_for(identity),
-        });
-    }
-    let Some(settings) = rules.templates.get(&template) else {
-        return Err(Refusal::UnknownTemplate {
-            identity: identity.to_string(),
-            template,
-            allowed: rules.policy.templates_for(identity),
-        });
-    };
-    if let Decision::Denied { allowed } = rules.policy.decide(identity, &template) {
-        return Err(Refusal::Denied {
-            identity: identity.to_string(),
-            template,
-            allowed,
-        });
-    }
-    let database = match parameters.remove("database") {
-        Some(db) if !db.is_empty() && db != settings.database => {
-            return Err(Refusal::WrongDatabase {
-                template,
-                expected: settings.database.clone(),
-                requested: db,
-            })
-        }
-        _ => settings.database.clone(),
-    };
-    let (unsupported_options, forwarded) = parameters
-        .into_iter()
-        .filter(|(k, _)| !OWNED_PARAMETERS.contains(&k.as_str()))
-        .partition::<Vec<_>, _>(|(k, _)| k.starts_with("_pq_."));
-    Ok(Request {
-        template,
-        database,
-        settings: settings.clone(),
-        forwarded,
-        unsupported_options: unsupported_options.into_iter().map(|(k, _)| k).collect(),
-        minor_version: startup.minor_version,
-    })
 }

@@ -63,6 +63,12 @@ pub enum Refusal {
     Upstream(UpstreamError),
     #[error("too many connections: Ephemera relays at most {limit} sessions at once (listen.max_connections)")]
     TooManyConnections { limit: usize },
+    #[error("all {size} backends of this identity's pool for template {template:?} are busy, and none came free within {wait} (pool_size, pool_wait)")]
+    PoolExhausted {
+        template: String,
+        size: u32,
+        wait: String,
+    },
     #[error("identity {identity} is creating sessions too fast: at most {burst} at once and {rate} per second (lease.issue_rate_per_identity)")]
     RateLimited {
         identity: String,
@@ -103,9 +109,9 @@ impl Refusal {
             Refusal::Mint { .. } => REJECTED_CONNECTION,
             Refusal::Upstream(UpstreamError::Refused { .. }) => REJECTED_CONNECTION,
             Refusal::Upstream(_) => CONNECTION_FAILURE,
-            Refusal::TooManyConnections { .. } | Refusal::RateLimited { .. } => {
-                TOO_MANY_CONNECTIONS
-            }
+            Refusal::TooManyConnections { .. }
+            | Refusal::RateLimited { .. }
+            | Refusal::PoolExhausted { .. } => TOO_MANY_CONNECTIONS,
         }
     }
 
@@ -126,6 +132,7 @@ impl Refusal {
             Refusal::Mint { .. } => "mint_failed",
             Refusal::Upstream(_) => "upstream",
             Refusal::TooManyConnections { .. } => "too_many_connections",
+            Refusal::PoolExhausted { .. } => "pool_exhausted",
             Refusal::RateLimited { .. } => "rate_limited",
         }
     }
@@ -153,6 +160,9 @@ impl Refusal {
             Refusal::Mint { .. } | Refusal::Upstream(_) => Some(
                 "This is not caused by your connection settings; retry later or ask the Ephemera operator to check its log."
                     .to_owned(),
+            ),
+            Refusal::PoolExhausted { .. } => Some(
+                "Close idle connections of this identity, or ask the DBA for a larger pool_size.".to_owned(),
             ),
             Refusal::TooManyConnections { .. } | Refusal::RateLimited { .. } => {
                 Some("Retry in a moment; reuse connections (a pool) instead of opening one per request.".to_owned())

@@ -10,6 +10,7 @@ use crate::config::{Rules, UpstreamSettings};
 use crate::leases::{LeaseManager, SharedRules};
 use crate::ops::limits::{RateLimiter, RefusalEvents};
 use crate::session::cancel::CancelMap;
+use crate::session::pool::Pools;
 use crate::session::protocol::CancelKey;
 use crate::session::upstream;
 use crate::tls::{SharedTls, TlsMaterial};
@@ -34,6 +35,8 @@ pub struct Services {
     pub refusal_events: RefusalEvents,
     /// The session threads established sessions are relayed on.
     pub relay_threads: Workers,
+    /// Pooled templates' pools (`pool = "session"`).
+    pub pools: Arc<Pools>,
 }
 
 impl Services {

@@ -38,6 +38,7 @@ mod layout;
 mod leases;
 mod limits;
 mod on_behalf;
+mod pool;
 mod proptest_protocol;
 mod refusals;
 mod review_attacks;

@@ -27,6 +27,10 @@ pub struct IssueRequest {
     /// The latest it may ever live to (issue time + max TTL, or earlier,
     /// e.g. capped at the client certificate's expiry).
     pub max_expires_at: OffsetDateTime,
+    /// How many connections the credential's holder may have open at once
+    /// (a pooled template's `pool_size`); `None`: the engine's default for
+    /// the kind (one for a session lease).
+    pub connection_limit: Option<u32>,
 }
 
 /// A freshly minted credential. Secrets redact themselves in `Debug`.
@@ -238,6 +242,20 @@ pub trait Engine: Send + Sync + 'static {
     /// reused need not do anything.
     async fn close_login(&self, _lease: &Lease) -> Result<(), EngineError> {
         Ok(())
+    }
+
+    /// A pooled lease needs another upstream connection: open the login
+    /// window again, for one login with a fresh credential (whatever the
+    /// pool's sessions did to the old one is replaced), and return how to
+    /// log in. The caller closes it again with [`Engine::close_login`] and
+    /// never opens two at once for one lease. Engines whose kind says
+    /// [`crate::EngineKind::pools`] must implement it.
+    async fn reopen_login(&self, lease: &Lease) -> Result<UpstreamLogin, EngineError> {
+        let _ = lease;
+        Err(EngineError::Unsupported {
+            engine: self.name(),
+            what: "open another login for a pooled lease",
+        })
     }
 
     /// Revoke several leases (the reaper's path): one result per lease, in

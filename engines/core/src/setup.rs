@@ -186,4 +186,12 @@ pub trait EngineKind: Send + Sync + 'static {
     /// `check-config --connect`: log in as the admin and check what the
     /// templates need, with absolute key paths.
     async fn preflight(&self, setup: &EngineSetup) -> Preflight;
+
+    /// Whether templates of this engine may say `pool = "session"`: one
+    /// lease shared by a pool of upstream connections (its engine
+    /// implements [`crate::Engine::reopen_login`] and honours
+    /// [`crate::IssueRequest::connection_limit`]).
+    fn pools(&self) -> bool {
+        false
+    }
 }

@@ -33,6 +33,7 @@ pub(crate) fn create_role_sql(
     secret: Option<&ScramSecret>,
     lease: &Lease,
     valid_until: OffsetDateTime,
+    connection_limit: Option<u32>,
 ) -> Result<String, Unquotable> {
     let mut sql = String::with_capacity(1024);
     // Losing this commit in a crash loses only a role nobody has logged in
@@ -40,9 +41,11 @@ pub(crate) fn create_role_sql(
     sql.push_str("SELECT set_config('synchronous_commit', 'off', true);\n");
     // A session role is for Ephemera's one login; a standalone lease's
     // holder may open several connections (a batch job's workers).
-    let connection_limit = match lease.kind {
-        LeaseKind::Session => 1,
-        LeaseKind::Standalone => -1,
+    // A pooled session lease: as many as its pool's backends.
+    let connection_limit = match (lease.kind, connection_limit) {
+        (LeaseKind::Session, Some(limit)) => i64::from(limit),
+        (LeaseKind::Session, None) => 1,
+        (LeaseKind::Standalone, _) => -1,
     };
     sql.push_str(&format!(
         "CREATE ROLE {role} WITH LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION \
@@ -114,9 +117,9 @@ mod tests {
             max_expires_at: now,
         };
         let role = quote_ident("eph_billing_rw_x").unwrap();
-        let sql = create_role_sql(&template, &role, Some(&secret), &lease, now).unwrap();
+        let sql = create_role_sql(&template, &role, Some(&secret), &lease, now, None).unwrap();
         assert!(sql.contains("PASSWORD 'SCRAM-SHA-256$1:"), "{sql}");
-        let sql = create_role_sql(&template, &role, None, &lease, now).unwrap();
+        let sql = create_role_sql(&template, &role, None, &lease, now, None).unwrap();
         assert!(!sql.contains("PASSWORD"), "{sql}");
         assert!(
             sql.contains("IN ROLE \"billing_rw\", \"read\"\"ers\";"),

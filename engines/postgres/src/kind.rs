@@ -42,6 +42,12 @@ impl EngineKind for PostgresKind {
         NAME
     }
 
+    /// A pooled lease is one role with `CONNECTION LIMIT pool_size`, its
+    /// login window opened again for each new backend.
+    fn pools(&self) -> bool {
+        true
+    }
+
     fn template(
         &self,
         name: &str,

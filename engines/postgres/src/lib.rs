@@ -189,6 +189,7 @@ impl Engine for PostgresEngine {
             .min(request.max_expires_at);
         let (login, password, valid_until) =
             self.credential(request.kind, issued_at, expires_at, &role_name)?;
+        let connection_limit = request.connection_limit;
         let lease = Lease {
             id: request.lease_id,
             engine: self.name(),
@@ -207,8 +208,15 @@ impl Engine for PostgresEngine {
             UpstreamLogin::Scram(secret) => Some(secret),
             _ => None,
         };
-        let sql =
-            create_role_sql(&template, &role, verifier, &lease, valid_until).map_err(unquotable)?;
+        let sql = create_role_sql(
+            &template,
+            &role,
+            verifier,
+            &lease,
+            valid_until,
+            connection_limit,
+        )
+        .map_err(unquotable)?;
         let client = self.client(&template.database, "create a role").await?;
         client
             .batch_execute(&sql)
@@ -304,6 +312,38 @@ impl Engine for PostgresEngine {
             .batch_execute(&sql)
             .await
             .map_err(|e| db_error(action, e))
+    }
+
+    /// A new backend of a pooled lease: a fresh verifier (or none, for a
+    /// certificate login) replaces whatever password a session gave the
+    /// role, and the window opens for the login window only.
+    async fn reopen_login(&self, lease: &Lease) -> Result<UpstreamLogin, EngineError> {
+        let action = "open a pooled role's login window";
+        let role = quote_ident(&lease.role).map_err(unquotable)?;
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .expect("0 ns is valid");
+        let (login, _, valid_until) =
+            self.credential(LeaseKind::Session, now, lease.expires_at, &lease.role)?;
+        let password = match &login {
+            UpstreamLogin::Scram(secret) => quote_literal(&secret.verifier())
+                .map_err(unquotable)?
+                .to_string(),
+            _ => "NULL".to_owned(),
+        };
+        let sql = format!(
+            "SELECT pg_catalog.set_config('synchronous_commit', 'off', true);\n\
+             ALTER ROLE {role} PASSWORD {password} VALID UNTIL {};\n",
+            quote_literal(&rfc3339(valid_until)).map_err(unquotable)?
+        );
+        let client = self.client(&lease.database, action).await?;
+        match client.batch_execute(&sql).await {
+            Ok(()) => Ok(login),
+            Err(e) if e.code().map(|c| c.code()) == Some(UNDEFINED_OBJECT) => {
+                Err(EngineError::Gone(lease.role.clone()))
+            }
+            Err(e) => Err(db_error(action, e)),
+        }
     }
 
     async fn revoke(&self, lease: &Lease) -> Result<RevokeOutcome, EngineError> {
