@@ -261,7 +261,10 @@ async fn no_session_state_reaches_the_next_client_and_unfinished_backends_are_cl
         pid_2, pid,
         "a backend left inside a transaction is never reused"
     );
-    assert_eq!(role_2, role, "the pool's role is the same");
+    // Closing that backend left the pool with no client and no backend, so
+    // the sweeper may have ended its lease meanwhile (a pool that is empty
+    // lets its role go): the role is the pool's, old or newly minted.
+    assert!(role_2.starts_with(&role_prefix(template)), "{role_2}");
 
     // Mid-COPY, cut without a Terminate: closed too.
     after_transaction
