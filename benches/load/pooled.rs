@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::env::{Env, Error, TEMPLATE_POOLED};
-use crate::scenarios::{first_row, ratio, run_pgbench_with};
-use crate::stats::{ms, Summary};
+use crate::perf::Perf;
+use crate::scenarios::{first_row, ratio, run_pgbench_with, syscall_note};
+use crate::stats::{ms, CpuSnapshot, Summary};
 use crate::{Options, Report, Row};
 
 /// `concurrency` loops of connect / `SELECT 1` / disconnect for `duration`;
@@ -91,8 +92,25 @@ pub async fn pooled(env: &Env, options: &Options, report: &mut Report) -> Result
         "load: pooled storm ×{c}, {} s, direct then pooled",
         duration.as_secs()
     );
+    let before = CpuSnapshot::take(&env.pids());
     let (d, _) = storm(&clients.direct, &clients.direct_tls, c, duration).await?;
+    let split = CpuSnapshot::settled(&env.pids(), Instant::now()).since(&before);
+    report.cpu(&format!("pooled storm ×{c}, direct"), split);
+    let perf = Perf::start(options, "pooled-storm-ephemera", env.pids().ephemera);
+    let before = CpuSnapshot::take(&env.pids());
     let (p, p_errors) = storm(&clients.ephemera_pooled, &clients.svid_tls, c, duration).await?;
+    let split = CpuSnapshot::settled(&env.pids(), Instant::now()).since(&before);
+    report.cpu(&format!("pooled storm ×{c}, pooled Ephemera"), split);
+    if let Some(perf) = perf {
+        let counts = perf.finish();
+        let sessions = p * duration.as_secs_f64();
+        report.note(syscall_note(
+            "pooled storm Ephemera",
+            &counts,
+            sessions,
+            "session",
+        ));
+    }
     // pool_idle_timeout is 2 s: the role goes once the pool idles out.
     let prefix = format!("eph_{TEMPLATE_POOLED}_");
     let (drain, left) = clients.drain(&prefix, Duration::from_secs(30)).await?;
