@@ -149,6 +149,8 @@ fn new_connection_per_transaction(
         &["-C", "-S"],
         secs,
     )?;
+    let perf = Perf::start(options, "pooled-pgbench-C-ephemera", env.pids().ephemera);
+    let before = CpuSnapshot::take(&env.pids());
     let pooled = run_pgbench_with(
         env,
         &env.ephemera_pooled_conninfo(),
@@ -156,6 +158,11 @@ fn new_connection_per_transaction(
         &["-C", "-S"],
         secs,
     )?;
+    let split = CpuSnapshot::settled(&env.pids(), Instant::now()).since(&before);
+    report.cpu("pgbench -C -S -c 8, pooled Ephemera", split);
+    if let Some(perf) = perf {
+        perf.finish();
+    }
     let bouncer = match env.pgbouncer {
         Some(_) => Some(run_pgbench_with(
             env,
