@@ -83,8 +83,10 @@ where
     let mut upstream_shut = false;
     poll_fn(|cx| {
         // Server to client first: its end is the session's end.
-        let server_side =
-            down.poll_copy(cx, &mut *upstream, &mut *client, |b| watch.server_bytes(b));
+        let server_side = down.poll_copy(cx, &mut *upstream, &mut *client, |b| {
+            watch.server_bytes(b);
+            b.len()
+        });
         let client_turn = watch.poll_client_turn(cx).is_ready();
         if let Poll::Ready(done) = server_side {
             done?;
@@ -94,8 +96,10 @@ where
             return Poll::Ready(Ok::<(), io::Error>(()));
         }
         if !upstream_shut && client_turn {
-            let client_side =
-                up.poll_copy(cx, &mut *client, &mut *upstream, |b| watch.client_bytes(b));
+            let client_side = up.poll_copy(cx, &mut *client, &mut *upstream, |b| {
+                watch.client_bytes(b);
+                b.len()
+            });
             if let Poll::Ready(done) = client_side {
                 done?;
                 // The client closed: tell the server, keep passing on what
@@ -114,37 +118,44 @@ where
 }
 
 /// One direction's buffer and progress (as in tokio's own
-/// `copy_bidirectional`, which cannot end on one side's close).
-struct Direction {
+/// `copy_bidirectional`, which cannot end on one side's close). The pooled
+/// relay (`pool/relay.rs`) uses it too.
+pub(super) struct Direction {
     buf: Box<[u8]>,
     /// `buf[pos..filled]` is read and not yet written.
     pos: usize,
     filled: usize,
     read_done: bool,
+    /// The reader failed (rather than the writer).
+    pub(super) read_failed: bool,
     need_flush: bool,
-    total: u64,
+    pub(super) total: u64,
 }
 
 impl Direction {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Direction {
             buf: vec![0; RELAY_BUFFER].into_boxed_slice(),
             pos: 0,
             filled: 0,
             read_done: false,
+            read_failed: false,
             need_flush: false,
             total: 0,
         }
     }
 
-    /// Ready(Ok) once `reader` is at end of file and everything read has
-    /// been written to `writer` and flushed.
-    fn poll_copy<R, W>(
+    /// Ready(Ok) once `reader` is at end of file, or `take` cut a read
+    /// short, and everything taken has been written to `writer` and
+    /// flushed. `take` sees each read and says how many of its bytes are
+    /// passed on: all of them, except where the pooled relay cuts at the
+    /// client's `Terminate`, which ends the direction.
+    pub(super) fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-        mut seen: impl FnMut(&[u8]),
+        mut take: impl FnMut(&[u8]) -> usize,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin + ?Sized,
@@ -159,12 +170,16 @@ impl Direction {
                         if n == 0 {
                             self.read_done = true;
                         } else {
-                            seen(buf.filled());
+                            let keep = take(buf.filled());
+                            self.read_done = keep < n;
                             self.pos = 0;
-                            self.filled = n;
+                            self.filled = keep;
                         }
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => {
+                        self.read_failed = true;
+                        return Poll::Ready(Err(e));
+                    }
                     Poll::Pending => {
                         // Nothing more to read now: push out what was
                         // written (TLS buffers records until flushed).

@@ -9,14 +9,11 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::session::relay::{Relayed, Watch};
-
-/// Buffer size for each direction (as the unpooled relay's).
-const RELAY_BUFFER: usize = 64 * 1024;
+use crate::session::relay::{Direction, Relayed, Watch};
 
 /// One direction cut into messages: where each one begins, its type and
 /// the first byte of its body (`ReadyForQuery`'s status).
@@ -268,103 +265,11 @@ where
     })
 }
 
-/// One direction's buffer; `take` decides how much of each read is passed
-/// on, and a read cut short ends the direction (the client's `Terminate`).
-struct Direction {
-    buf: Box<[u8]>,
-    pos: usize,
-    filled: usize,
-    read_done: bool,
-    /// The reader failed (rather than the writer).
-    read_failed: bool,
-    need_flush: bool,
-    total: u64,
-}
-
-impl Direction {
-    fn new() -> Self {
-        Direction {
-            buf: vec![0; RELAY_BUFFER].into_boxed_slice(),
-            pos: 0,
-            filled: 0,
-            read_done: false,
-            read_failed: false,
-            need_flush: false,
-            total: 0,
-        }
-    }
-
-    /// Ready(Ok) once the reader ended (or was cut) and everything taken
-    /// has been written and flushed.
-    fn poll_copy<R, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        reader: &mut R,
-        writer: &mut W,
-        mut take: impl FnMut(&[u8]) -> usize,
-    ) -> Poll<io::Result<()>>
-    where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
-    {
-        loop {
-            if self.pos == self.filled && !self.read_done {
-                let mut buf = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
-                    Poll::Ready(Ok(())) => {
-                        let n = buf.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            let keep = take(buf.filled());
-                            self.read_done = keep < n;
-                            self.pos = 0;
-                            self.filled = keep;
-                        }
-                    }
-                    Poll::Ready(Err(e)) => {
-                        self.read_failed = true;
-                        return Poll::Ready(Err(e));
-                    }
-                    Poll::Pending => {
-                        if self.need_flush {
-                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
-                }
-            }
-            while self.pos < self.filled {
-                let n = ready!(
-                    Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.filled])
-                )?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.pos += n;
-                self.total += n as u64;
-                self.need_flush = true;
-            }
-            if self.read_done {
-                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                self.need_flush = false;
-                return Poll::Ready(Ok(()));
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![kind];
-        m.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
+    use crate::session::protocol::test_message as message;
 
     #[test]
     fn terminate_is_cut_wherever_the_stream_is_split() {
