@@ -322,6 +322,21 @@ pub fn encode_cancel(key: CancelKey) -> BytesMut {
     buf
 }
 
+/// One protocol message after the startup phase, raw: its type, its
+/// length (counting itself) and its body. For the tests of the modules
+/// that frame the relay's bytes.
+#[cfg(test)]
+pub(crate) fn test_message(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind];
+    m.extend_from_slice(
+        &u32::try_from(body.len() + 4)
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    m.extend_from_slice(body);
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

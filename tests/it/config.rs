@@ -7,7 +7,7 @@ use std::path::Path;
 use ephemera::config::{read_file_config, ConfigErrors, Settings};
 
 /// Load `toml` as a config file (in a fresh directory); it must be refused.
-fn refused(toml: &str) -> ConfigErrors {
+pub(crate) fn refused(toml: &str) -> ConfigErrors {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("config.toml");
     std::fs::write(&config, toml).expect("write");

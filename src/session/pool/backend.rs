@@ -150,12 +150,7 @@ async fn read_until_idle<S: AsyncRead + AsyncWrite + Unpin>(
 mod tests {
     use super::*;
 
-    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![kind];
-        m.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
+    use crate::session::protocol::test_message as message;
 
     async fn read_from(server: Vec<u8>, pending: u32) -> Result<(), ResetError> {
         let (mut ours, mut theirs) = tokio::io::duplex(1 << 16);

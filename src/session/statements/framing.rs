@@ -107,12 +107,7 @@ mod tests {
         }
     }
 
-    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![kind];
-        m.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
+    use crate::session::protocol::test_message as message;
 
     #[test]
     fn messages_are_found_however_the_stream_is_cut() {

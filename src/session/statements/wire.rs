@@ -367,12 +367,7 @@ mod tests {
     use super::super::record::Outcome;
     use super::*;
 
-    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![kind];
-        m.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
+    use crate::session::protocol::test_message as message;
 
     #[test]
     fn an_extended_statement_with_parameters_is_read_off_the_wire() {
