@@ -10,41 +10,19 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::env::{Env, Error, TEMPLATE_POOLED};
 use crate::perf::Perf;
-use crate::scenarios::{first_row, ratio, run_pgbench_with, syscall_note};
+use crate::scenarios::{first_row, ratio, run_pgbench_with, storm_with, syscall_note};
 use crate::stats::{ms, CpuSnapshot, Summary};
 use crate::{Options, Report, Row};
 
-/// `concurrency` loops of connect / `SELECT 1` / disconnect for `duration`;
-/// sessions per second and errors.
-async fn storm(
+/// The storm's rate: sessions per second, and errors.
+async fn storm_rate(
     config: &tokio_postgres::Config,
     tls: &MakeRustlsConnect,
     concurrency: usize,
     duration: Duration,
 ) -> Result<(f64, usize), Error> {
-    let deadline = Instant::now() + duration;
-    let start = Instant::now();
-    let mut loops = Vec::new();
-    for _ in 0..concurrency {
-        let (config, tls) = (config.clone(), tls.clone());
-        loops.push(tokio::spawn(async move {
-            let (mut ok, mut errors) = (0usize, 0usize);
-            while Instant::now() < deadline {
-                match first_row(&config, &tls, Instant::now()).await {
-                    Ok(_) => ok += 1,
-                    Err(_) => errors += 1,
-                }
-            }
-            (ok, errors)
-        }));
-    }
-    let (mut ok, mut errors) = (0, 0);
-    for l in loops {
-        let (o, e) = l.await?;
-        ok += o;
-        errors += e;
-    }
-    Ok((ok as f64 / start.elapsed().as_secs_f64(), errors))
+    let result = storm_with(config, tls, concurrency, duration).await?;
+    Ok((result.ok as f64 / result.wall, result.errors))
 }
 
 /// Connect-to-first-row, one session at a time, `n` of them.
@@ -93,12 +71,13 @@ pub async fn pooled(env: &Env, options: &Options, report: &mut Report) -> Result
         duration.as_secs()
     );
     let before = CpuSnapshot::take(&env.pids());
-    let (d, _) = storm(&clients.direct, &clients.direct_tls, c, duration).await?;
+    let (d, _) = storm_rate(&clients.direct, &clients.direct_tls, c, duration).await?;
     let split = CpuSnapshot::settled(&env.pids(), Instant::now()).since(&before);
     report.cpu(&format!("pooled storm ×{c}, direct"), split);
     let perf = Perf::start(options, "pooled-storm-ephemera", env.pids().ephemera);
     let before = CpuSnapshot::take(&env.pids());
-    let (p, p_errors) = storm(&clients.ephemera_pooled, &clients.svid_tls, c, duration).await?;
+    let (p, p_errors) =
+        storm_rate(&clients.ephemera_pooled, &clients.svid_tls, c, duration).await?;
     let split = CpuSnapshot::settled(&env.pids(), Instant::now()).since(&before);
     report.cpu(&format!("pooled storm ×{c}, pooled Ephemera"), split);
     if let Some(perf) = perf {

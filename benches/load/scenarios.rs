@@ -805,21 +805,32 @@ pub async fn run_storm(
     concurrency: usize,
     duration: Duration,
 ) -> Result<StormResult, Error> {
+    let (config, tls) = match mode {
+        Mode::Ephemera => (&clients.ephemera, &clients.svid_tls),
+        Mode::EphemeraUnix => (&clients.ephemera_unix, &clients.svid_tls),
+        _ => (&clients.direct, &clients.direct_tls),
+    };
+    storm_with(config, tls, concurrency, duration).await
+}
+
+/// `concurrency` loops of connect / `SELECT 1` / disconnect with `config`
+/// for `duration`.
+pub async fn storm_with(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<StormResult, Error> {
     let deadline = Instant::now() + duration;
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
-        let clients = clients.clone();
+        let (config, tls) = (config.clone(), tls.clone());
         workers.push(tokio::spawn(async move {
             let (mut ok, mut errors) = (0usize, 0usize);
             let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
             while Instant::now() < deadline {
-                let (config, tls) = match mode {
-                    Mode::Ephemera => (&clients.ephemera, &clients.svid_tls),
-                    Mode::EphemeraUnix => (&clients.ephemera_unix, &clients.svid_tls),
-                    _ => (&clients.direct, &clients.direct_tls),
-                };
-                match first_row(config, tls, Instant::now()).await {
+                match first_row(&config, &tls, Instant::now()).await {
                     Ok(_) => ok += 1,
                     Err(e) => {
                         errors += 1;
